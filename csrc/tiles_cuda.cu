@@ -1,0 +1,129 @@
+// CUDA kernels of hmtl's tile op: one thread per output pixel, any memory format.
+// Checks and semantics are shared with the CPU kernels (tiles.h, tiles.cpp).
+#include "tiles.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace hmtl {
+
+// Element offset (inside image `img`) of the source of output pixel (i, j).
+__device__ __forceinline__ int64_t source_pixel(int64_t img, int64_t i, int64_t j, Grid grid,
+                                                const int64_t* __restrict__ perm, const int64_t* __restrict__ rot,
+                                                Strides xs) {
+  const int64_t span = grid.g * grid.t;
+  if (i >= span || j >= span) return i * xs.h + j * xs.w;
+  const int64_t g2 = grid.g * grid.g, p = (i / grid.t) * grid.g + j / grid.t;
+  const int64_t q = perm[img * g2 + p];
+  const Line line = source_line(rot[img * g2 + p], i % grid.t, grid.t, xs.h, xs.w);
+  return (q / grid.g) * grid.t * xs.h + (q % grid.g) * grid.t * xs.w + line.start + (j % grid.t) * line.step;
+}
+
+// E is an unsigned integer of the element's size: shuffling only moves bits.
+template <typename E>
+__global__ void shuffle_kernel(const E* __restrict__ x, E* __restrict__ out, const int64_t* __restrict__ perm,
+                               const int64_t* __restrict__ rot, int64_t n, int64_t c, int64_t h, int64_t w, Grid grid,
+                               Strides xs, Strides os) {
+  const int64_t total = n * h * w, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w);
+    const E* s = x + img * xs.n + source_pixel(img, i, j, grid, perm, rot, xs);
+    E* d = out + img * os.n + i * os.h + j * os.w;
+    for (int64_t ch = 0; ch < c; ++ch) d[ch * os.c] = s[ch * xs.c];
+  }
+}
+
+template <typename T>
+__global__ void shuffle_normalize_kernel(const uint8_t* __restrict__ x, T* __restrict__ out,
+                                         const int64_t* __restrict__ perm, const int64_t* __restrict__ rot, int64_t n,
+                                         int64_t c, int64_t h, int64_t w, Grid grid, Strides xs, Strides os,
+                                         Affine a) {
+  const int64_t total = n * h * w, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w);
+    const uint8_t* s = x + img * xs.n + source_pixel(img, i, j, grid, perm, rot, xs);
+    T* d = out + img * os.n + i * os.h + j * os.w;
+    // Explicit rounding: no fused multiply-add, so the result equals the CPU kernel's bit for bit.
+    for (int64_t ch = 0; ch < c; ++ch)
+      d[ch * os.c] = static_cast<T>(__fadd_rn(__fmul_rn(static_cast<float>(s[ch * xs.c]), a.scale[ch]), a.shift[ch]));
+  }
+}
+
+static unsigned int blocks_for(int64_t pixels, int threads) {
+  return static_cast<unsigned int>(std::min<int64_t>((pixels + threads - 1) / threads, 1 << 16));
+}
+
+void shuffle_tiles_out_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, at::Tensor out) {
+  const char* op = "shuffle_tiles";
+  check_image(op, x);
+  const Grid grid = check_tile_params(op, x.size(0), x.size(2), x.size(3), perm, rot, x.device());
+  check_out(op, out, x.sizes(), x.scalar_type(), x);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto p = perm.contiguous(), r = rot.contiguous();
+  const int threads = 256;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto launch = [&](auto zero) {
+    using E = decltype(zero);
+    shuffle_kernel<E><<<blocks_for(n * h * w, threads), threads, 0, stream>>>(
+        static_cast<const E*>(x.const_data_ptr()), static_cast<E*>(out.mutable_data_ptr()),
+        p.const_data_ptr<int64_t>(), r.const_data_ptr<int64_t>(), n, c, h, w, grid, nchw_strides(x),
+        nchw_strides(out));
+  };
+  switch (x.element_size()) {
+    case 1: launch(uint8_t{}); break;
+    case 2: launch(uint16_t{}); break;
+    default: launch(uint32_t{}); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor shuffle_tiles_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot) {
+  check_image("shuffle_tiles", x);
+  at::Tensor out = at::empty_like(x);
+  shuffle_tiles_out_cuda(x, perm, rot, out);
+  return out;
+}
+
+void shuffle_tiles_normalize_out_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
+                                      at::ArrayRef<double> mean, at::ArrayRef<double> std, at::Tensor out) {
+  const char* op = "shuffle_tiles_normalize";
+  check_normalize_input(op, x, out.scalar_type());
+  const Grid grid = check_tile_params(op, x.size(0), x.size(1), x.size(2), perm, rot, x.device());
+  check_out(op, out, {x.size(0), x.size(3), x.size(1), x.size(2)}, out.scalar_type(), x);
+  const Affine a = make_affine(op, x.size(3), mean, std);
+  const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto p = perm.contiguous(), r = rot.contiguous();
+  const int threads = 256;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "shuffle_tiles_normalize", [&] {
+    shuffle_normalize_kernel<scalar_t><<<blocks_for(n * h * w, threads), threads, 0,
+                                         c10::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<uint8_t>(), out.mutable_data_ptr<scalar_t>(), p.const_data_ptr<int64_t>(),
+        r.const_data_ptr<int64_t>(), n, c, h, w, grid, nhwc_strides(x), nchw_strides(out), a);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor shuffle_tiles_normalize_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
+                                        at::ArrayRef<double> mean, at::ArrayRef<double> std, at::ScalarType dtype,
+                                        bool channels_last) {
+  at::Tensor out = empty_normalized(x, dtype, channels_last);
+  shuffle_tiles_normalize_out_cuda(x, perm, rot, mean, std, out);
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(hmtl, CUDA, m) {
+  m.impl("shuffle_tiles", &shuffle_tiles_cuda);
+  m.impl("shuffle_tiles_out", &shuffle_tiles_out_cuda);
+  m.impl("shuffle_tiles_normalize", &shuffle_tiles_normalize_cuda);
+  m.impl("shuffle_tiles_normalize_out", &shuffle_tiles_normalize_out_cuda);
+}
+
+}  // namespace hmtl

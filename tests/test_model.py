@@ -1,0 +1,138 @@
+"""The network, the losses (paper eq. 1-3) and AdaBelief, against hand-computed values."""
+import math
+
+import pytest
+import torch
+import torchvision
+
+import hmtl
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def bottleneck_params(c):  # three convs with BatchNorm, width c -> c/4 -> c/4 -> c, identity skip
+    q = c // 4
+    return c * q + 2 * q + 9 * q * q + 2 * q + q * c + 2 * c
+
+
+def basic_block_params(c):  # two 3x3 convs with BatchNorm, identity skip
+    return 2 * (9 * c * c + 2 * c)
+
+
+@pytest.mark.parametrize("task", hmtl.TASKS)
+@pytest.mark.parametrize("flag", [1, 2, 3, 4])
+def test_resnet50_parameter_counts_per_flag_and_task(flag, task):
+    grid = 3
+    model = hmtl.HMTL("resnet50", angles=3, head="catreg", bin_width=3, task=task, flag=flag, grid=grid)
+    backbone = count(torchvision.models.resnet50()) - (2048 * 1000 + 1000)
+    heads = 3 * (2048 * 66 + 66)
+    c = 256 * 2 ** (flag - 1)
+    classes = {"puzzle": 9, "rotation": 4}
+    branches = sum(bottleneck_params(c) + c * 9 * classes[t] + 9 * classes[t] for t in hmtl.SSL_TASKS[task])
+    assert count(model) == backbone + heads + branches
+    assert count(model.deployable()) == backbone + heads == count(hmtl.HMTL("resnet50", 3, "catreg", 3, task="none"))
+
+
+@pytest.mark.parametrize("task", hmtl.TASKS)
+@pytest.mark.parametrize("flag", [1, 2, 3, 4])
+def test_output_shapes_and_the_deployable_network(flag, task):
+    torch.manual_seed(0)
+    model = hmtl.HMTL("resnet18", angles=2, head="reg", task=task, flag=flag, grid=2).eval()
+    c = 64 * 2 ** (flag - 1)
+    assert count(model) - count(model.deployable()) == sum(
+        basic_block_params(c) + c * 4 * k + 4 * k for k in [{"puzzle": 4, "rotation": 4}[t] for t in hmtl.SSL_TASKS[task]])
+    x = torch.randn(3, 3, 32, 32)
+    pose, ssl = model(x)
+    assert pose.shape == (3, 2, 1)
+    assert {t: v.shape for t, v in ssl.items()} == {t: (3, 4, 4) for t in hmtl.SSL_TASKS[task]}
+    deployed = model.deployable()
+    assert len(deployed.ssl_branches) == 0 and not any("ssl" in k for k in deployed.state_dict())
+    assert torch.equal(deployed(x)[0], pose) and deployed(x)[1] == {}
+
+
+def test_pretraining_network_puts_the_ss_heads_where_the_pose_heads_were():
+    model = hmtl.HMTL("resnet18", angles=0, task="puzzle_rotation", flag=4, grid=3, ssl_block=False)
+    pose, ssl = model(torch.randn(2, 3, 48, 48))
+    assert pose is None and ssl["puzzle"].shape == (2, 9, 9) and ssl["rotation"].shape == (2, 9, 4)
+    assert count(model) == count(torchvision.models.resnet18()) - (512 * 1000 + 1000) + 512 * 9 * 13 + 9 * 13
+
+
+@pytest.mark.parametrize("width,bins", [(3, 66), (1, 198)])
+def test_catreg_expectation_recovers_an_angle_from_a_one_hot_at_its_bin_centre(width, bins):
+    centres = hmtl.bin_centres(width)
+    assert len(centres) == bins and centres[0] == -99 + width / 2 and centres[-1] == 99 - width / 2
+    for i in (0, 7, bins // 2, bins - 1):
+        logits = torch.full((bins,), -1e4)
+        logits[i] = 0
+        assert hmtl.expected_angle(logits, centres).item() == pytest.approx(centres[i].item(), abs=1e-4)
+
+
+def test_catreg_loss_by_hand():
+    centres = hmtl.bin_centres(3)
+    target = torch.tensor([[30.0, -15.0, 0.0], [-30.0, 45.0, 9.0]])
+    # uniform logits: CE = ln 66 per angle, expected angle = mean of the centres = 0
+    uniform = torch.zeros(2, 3, 66)
+    rmse = [math.sqrt((30 ** 2 + 30 ** 2) / 2), math.sqrt((15 ** 2 + 45 ** 2) / 2), math.sqrt((0 + 9 ** 2) / 2)]
+    assert hmtl.catreg_loss(uniform, target, centres, 2.0).item() == pytest.approx(3 * math.log(66) + 2 * sum(rmse), rel=1e-5)
+    # one-hot on the right bins (30° is bin 43, centred at 31.5): CE ~ 0, angle = bin centre
+    sure = torch.full((2, 3, 66), -1e4)
+    bins = ((target + 99) / 3).floor().long()
+    sure.scatter_(2, bins[..., None], 0.0)
+    off = (centres[bins] - target) ** 2
+    assert hmtl.catreg_loss(sure, target, centres, 2.0).item() == pytest.approx(2 * off.mean(0).sqrt().sum().item(), abs=1e-3)
+    assert bins[0, 0] == 43 and centres[43] == 31.5
+
+
+def test_reg_ssl_and_total_losses_by_hand():
+    assert hmtl.reg_loss(torch.tensor([[[1.0], [2.0]], [[3.0], [-2.0]]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])).item() \
+        == pytest.approx(math.sqrt(5) + 2, rel=1e-6)
+    labels = {"puzzle": torch.tensor([[2, 0, 3, 1]]), "rotation": torch.tensor([[0, 0, 3, 1]])}
+    logits = {"puzzle": torch.zeros(1, 4, 4), "rotation": torch.zeros(1, 4, 4)}
+    assert hmtl.ssl_loss(logits, labels).item() == pytest.approx(8 * math.log(4), rel=1e-6)  # 8 heads, 4 classes
+    logits["puzzle"][0, torch.arange(4), labels["puzzle"][0]] = 1e4  # puzzle heads sure and right
+    assert hmtl.ssl_loss(logits, labels).item() == pytest.approx(4 * math.log(4), rel=1e-6)
+    assert hmtl.hmtl_loss(torch.tensor(2.0), torch.tensor(0.5), 50.0).item() == 27.0
+
+
+def test_adabelief_follows_its_update_rule_by_hand():
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = hmtl.AdaBelief([theta], lr=0.1, betas=(0.9, 0.999), eps=1e-16)
+    b1, b2, eps, lr = 0.9, 0.999, 1e-16, 0.1
+    m, s, want = [0.0, 0.0], [0.0, 0.0], [1.0, -2.0]
+    for t, g in enumerate(([0.5, -1.0], [-0.2, 0.3], [0.4, 0.4]), start=1):
+        theta.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        for i in range(2):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            s[i] = b2 * s[i] + (1 - b2) * (g[i] - m[i]) ** 2 + eps
+            want[i] -= lr * (m[i] / (1 - b1 ** t)) / (math.sqrt(s[i] / (1 - b2 ** t)) + eps)
+        assert theta.tolist() == pytest.approx(want, rel=1e-12)
+        if t == 1:  # m̂ = g and ŝ = (0.9 g)²: each weight moves by lr / 0.9 against its gradient
+            assert theta.tolist() == pytest.approx([1.0 - lr / 0.9, -2.0 + lr / 0.9], rel=1e-12)
+    assert opt.state[theta]["step"] == 3
+
+
+def test_adabelief_weight_decay_is_decoupled():
+    theta = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = hmtl.AdaBelief([theta], lr=0.1, weight_decay=0.5)
+    theta.grad = torch.tensor([1.0])
+    opt.step()
+    assert theta.item() == pytest.approx(2.0 * (1 - 0.05) - 0.1 / 0.9, rel=1e-6)
+
+
+def test_prepare_labels_the_tiles_it_moved():
+    """The SS labels that reach the loss describe the image that reaches the network."""
+    g, t = 2, 8
+    tile_ids = torch.arange(4, dtype=torch.uint8).view(2, 2).repeat_interleave(t, 0).repeat_interleave(t, 1) * 60
+    images = tile_ids[None, :, :, None].expand(5, 16, 16, 3).contiguous()
+    cfg = {"aug": "0", "grid": g}
+    rt = hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None))
+    x, perm, rot = hmtl.prepare(images, cfg, torch.Generator().manual_seed(0), 5, rt, "puzzle", True)
+    assert x.shape == (5, 3, 16, 16) and not rot.any()
+    scale, shift = hmtl.normalize_affine(hmtl.IMAGENET_MEAN, hmtl.IMAGENET_STD)
+    value = ((x[:, 0] - shift[0]) / scale[0]).round()
+    for n in range(5):
+        for p in range(4):
+            assert (value[n, p // 2 * t:(p // 2 + 1) * t, p % 2 * t:(p % 2 + 1) * t] == 60 * perm[n, p]).all()
