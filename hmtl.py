@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- tile op
@@ -273,7 +273,7 @@ def render_head(yaw, pitch, roll, size, rng, supersample=2):
     u, v = np.meshgrid((coords - shift[0]) / scale, (coords - shift[1]) / scale)
     rays = np.stack([u.ravel(), v.ravel()], 1)  # orthographic rays along -z, in head units
     depth, part = np.full(s * s, -np.inf, np.float32), np.full(s * s, -1)
-    for k, (centre, semi, material) in enumerate(HEAD_PARTS):
+    for k, (_, semi, material) in enumerate(HEAD_PARTS):
         near = np.flatnonzero(((rays - centres[k] @ rot[:2].T) ** 2).sum(1) < max(semi) ** 2)
         a = rays[near] @ rot[:2] - centres[k]  # ray origin in the part's frame; direction rot[2]
         inv2 = 1 / axes[k] ** 2
@@ -380,7 +380,6 @@ def face_box(pt2d, train, rng):
 
 def square_crop(image, box, size):
     """Crop `box` (black outside the image), shorter side to `size`, centre crop (HopeNet's test transform)."""
-    from PIL import Image
     face = image.crop(box)
     ratio = size / min(face.size)
     face = face.resize((max(size, round(face.width * ratio)), max(size, round(face.height * ratio))),
@@ -397,7 +396,7 @@ def read_mat(path):
         pitch, yaw, roll = np.degrees(mat["Pose_Para"][0, :3])
         return np.array([yaw, pitch, roll], np.float32), np.asarray(mat["pt2d"], np.float64)
     except Exception as e:
-        raise SystemExit(f"{path}: not a 300W-LP / AFLW2000 label file with Pose_Para and pt2d ({e})")
+        raise SystemExit(f"{path}: not a 300W-LP / AFLW2000 label file with Pose_Para and pt2d ({e})") from None
 
 
 class PoseFiles(torch.utils.data.Dataset):
@@ -422,12 +421,11 @@ class PoseFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
         path = self.files[i]
         try:
             image = Image.open(path).convert("RGB")
         except OSError as e:
-            raise SystemExit(f"{path}: cannot decode image ({e})")
+            raise SystemExit(f"{path}: cannot decode image ({e})") from None
         box = face_box(read_mat(path.with_suffix(".mat"))[1], self.train, np.random.default_rng([self.seed, i]))
         box = box or (0, 0, image.width, image.height)
         return torch.from_numpy(square_crop(image, box, self.size).copy()), torch.from_numpy(self.angles[i])
@@ -446,7 +444,7 @@ class XGazeFiles(torch.utils.data.Dataset):
                     pitch, yaw = np.degrees(f["face_head_pose"][:]).T
                     assert f["face_patch"].shape[0] == len(yaw)
             except (OSError, KeyError, AssertionError) as e:
-                raise SystemExit(f"{path}: not an ETH-XGaze subject file with face_patch and face_head_pose ({e})")
+                raise SystemExit(f"{path}: not an ETH-XGaze subject file with face_patch and face_head_pose ({e})") from None
             angles.append(np.stack([yaw, pitch], 1))
         self.index = np.concatenate([np.stack([np.full(len(a), f), np.arange(len(a))], 1) for f, a in enumerate(angles)])
         self.angles, self.size, self.handles = np.concatenate(angles).astype(np.float32), size, {}
@@ -456,7 +454,6 @@ class XGazeFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         import h5py
-        from PIL import Image
         f, row = self.index[i]
         if self.handles.get("pid") != os.getpid():  # one set of open files per worker process
             self.handles = {"pid": os.getpid()}
@@ -470,14 +467,13 @@ class XGazeFiles(torch.utils.data.Dataset):
 def biwi_arrays(path, size):
     """FSA-Net's pre-processed BIWI .npz: image N x S x S x 3 uint8 (BGR: written by OpenCV), pose N x 3
     (yaw, pitch, roll in degrees). Images are resized to `size`."""
-    from PIL import Image
     path = Path(path)
     path = path / "BIWI_noTrack.npz" if path.is_dir() else path
     try:
         with np.load(path) as d:
             images, angles = d["image"][..., ::-1], d["pose"][:, :3]
     except (OSError, KeyError, ValueError) as e:
-        raise SystemExit(f"{path}: not FSA-Net's BIWI .npz with 'image' and 'pose' ({e})")
+        raise SystemExit(f"{path}: not FSA-Net's BIWI .npz with 'image' and 'pose' ({e})") from None
     if images.shape[1:3] != (size, size):
         images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((size, size), Image.BILINEAR))
                            for im in images])
@@ -790,8 +786,8 @@ def load_backbone(model, init, arch):
         try:
             state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
         except Exception as e:
-            raise SystemExit(f"--init imagenet: cannot fetch torchvision's {arch} weights ({e}); "
-                             f"download them once and pass the file: --init PATH")
+            raise SystemExit(f"--init imagenet: cannot download torchvision's {arch} weights ({type(e).__name__}); "
+                             f"fetch them once elsewhere and pass the file: --init PATH") from e
     else:
         state = load_checkpoint(init)
         state = state.get("model", state)
@@ -981,6 +977,8 @@ def runtime(cfg):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    if cfg["sync_bn"] and world > 1 and not use_cuda:
+        raise SystemExit("--sync-bn needs CUDA: SyncBatchNorm synchronises GPU processes only")
     if cfg["batch_size"] % world:
         raise SystemExit(f"--batch-size {cfg['batch_size']} (the global batch) must divide by the {world} processes")
     amp = cfg["amp"]
@@ -994,6 +992,16 @@ def runtime(cfg):
         autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),
         centres=bin_centres(cfg["bin_width"]).to(device))
+
+
+def rank0_first(rt, load):
+    """load() in process 0 first -- it may build a cache the others then read -- then in the others."""
+    if rt.world > 1 and rt.rank > 0:
+        dist.barrier()
+    result = load()
+    if rt.world > 1 and rt.rank == 0:
+        dist.barrier()
+    return result
 
 
 def data_loader(dataset, batches, cfg, rt):
@@ -1016,7 +1024,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
 def write_metrics(out, history, names):
@@ -1051,7 +1059,7 @@ def train(cfg, state=None):
     rt = runtime(cfg)
     out, main_process = Path(cfg["out"]), rt.rank == 0
     last = out / "last.pt"
-    train_set, val_set = load_split(cfg, True), load_split(cfg, False)
+    train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
     names = angle_names(cfg["data"])
     torch.manual_seed(cfg["seed"])  # the weights' initialisation, then dropout
     model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
@@ -1095,7 +1103,7 @@ def train(cfg, state=None):
             stats = train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
         except FloatingPointError as e:
             raise SystemExit(f"{e}: training stopped; the last good checkpoint is {last}"
-                             f"{' (epoch ' + str(epoch) + ')' if epoch else ' (none: nothing was trained)'}")
+                             f"{' (epoch ' + str(epoch) + ')' if epoch else ' (none: nothing was trained)'}") from None
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
         scheduler.step()
         row |= evaluate(trained, val_loader, cfg, rt, len(val_set)) | {"seconds": time.perf_counter() - began}
@@ -1142,7 +1150,7 @@ def evaluate_checkpoint(args):
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model = model.to(rt.device, memory_format=torch.channels_last)
-    val_set = load_split(cfg, False)
+    val_set = rank0_first(rt, lambda: load_split(cfg, False))
     loader = data_loader(val_set, GlobalBatches(len(val_set), cfg["batch_size"], cfg["seed"], False, False,
                                                 rt.rank, rt.world), cfg, rt)
     metrics = evaluate(model, loader, cfg, rt, len(val_set))
@@ -1182,7 +1190,6 @@ def trained_estimator(path, device):
 def predict(args):
     """--predict: yaw, pitch, roll of face crops, printed, written to predictions.csv, and each image
     saved with the three axes drawn. --boxes CSV (path,x_min,y_min,x_max,y_max) crops each image first."""
-    from PIL import Image, ImageDraw
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     net, cfg = trained_estimator(args.checkpoint, device)
     names, size = angle_names(cfg["data"]), cfg["img_size"]
@@ -1261,7 +1268,6 @@ def draw_axes(draw, yaw, pitch, roll, centre, length):
 def preview(cfg, path, per_split=12, scale=2):
     """Training crops (top rows) and validation crops (bottom rows) with their ground-truth pose
     axes drawn: look before you train."""
-    from PIL import Image, ImageDraw
     names, tiles = angle_names(cfg["data"]), []
     for dataset in (load_split(cfg, True), load_split(cfg, False)):
         for i in np.linspace(0, len(dataset) - 1, min(per_split, len(dataset))).astype(int):
@@ -1298,7 +1304,6 @@ VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    arg = p.add_argument
     g = p.add_argument_group("method")
     g.add_argument("--task", choices=TASKS, help="SS task: none = SL (default none)")
     g.add_argument("--flag", type=int, choices=(1, 2, 3, 4), help="flag point: the SS branch reads stage k (3)")
@@ -1339,11 +1344,11 @@ def get_args_parser():
     g.add_argument("--synthetic-train", type=int, help="synthetic training images (20000; quick preset: 4000)")
     g.add_argument("--synthetic-val", type=int, help="synthetic validation images (2000; quick preset: 500)")
     g = p.add_argument_group("runs")
-    arg("--out", help="run folder (runs/<data>-<task>-flag<k>-grid<g>-seed<s>); --predict: its output (predictions)")
-    arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    arg("--eval-only", action="store_true", help="evaluate --checkpoint on the validation set")
-    arg("--checkpoint", help="a checkpoint (.pt) for --eval-only, --predict or --export")
-    arg("--preview", metavar="PNG", help="save a grid of training and validation crops with their pose axes")
+    g.add_argument("--out", help="run folder (runs/<data>-<task>-flag<k>-grid<g>-seed<s>); --predict: its output (predictions)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation set")
+    g.add_argument("--checkpoint", help="a checkpoint (.pt) for --eval-only, --predict or --export")
+    g.add_argument("--preview", metavar="PNG", help="save a grid of training and validation crops with their pose axes")
     g = p.add_argument_group("use a trained model (with --checkpoint)")
     g.add_argument("--predict", nargs="+", metavar="PATH", help="images or folders of face crops")
     g.add_argument("--boxes", help="CSV path,x_min,y_min,x_max,y_max: a face box per image to --predict")

@@ -78,7 +78,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
-        "export": ["onnx", "onnxscript"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+        "export": ["onnx", "onnxruntime"],
     },
 )

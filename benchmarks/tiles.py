@@ -64,7 +64,7 @@ def main():
     print(f"tile op on {device} ({torch.get_num_threads()} threads), {n}x3x{s}x{s}, rotations on, "
           f"median of {args.repeats}; torch {torch.__version__}, extension "
           f"{'built' if hmtl.tiles_ext is not None else 'NOT built'}\n")
-    print(f"| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
+    print("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.uint8):
         x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)

@@ -1,0 +1,260 @@
+"""The paper's tables and figures (DESIGN.md section 2), run with hmtl.py. Started by run_all.sh.
+
+Every row of Tables 1-4 is a configuration of hmtl.py flags, run --seeds times (the paper
+reports single runs; we report mean ± std) into <runs>/<configuration>/seed<k>. A run whose
+summary.json exists is skipped, one with a last.pt is resumed. Then <out>/tables.md holds each
+table in its own layout -- the paper's MAE, ours, the difference -- and <out>/fig*.png the figures.
+
+--quick runs every configuration on synthetic heads at a tiny size (ResNet18, 32 px, 2 epochs):
+a smoke test of the whole pipeline, labelled as such, not the paper's result.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+import hmtl
+
+# MAE in degrees from the paper (DESIGN.md section 2): yaw, pitch, roll, mean.
+PAPER = {
+    ("Table 1", "SL, 1 subject"): (5.338, 6.852, None, 6.095),
+    ("Table 1", "HMTL puzzle 2x2, flag 3"): (4.272, 6.852, None, 5.563),
+    ("Table 1", "HMTL rotation 2x2, flag 3"): (4.757, 7.337, None, 6.047),
+    ("Table 3", "SL, aug level 2"): (6.221, 5.569, 3.984, 5.258),
+    ("Table 3", "HMTL 3x3 puzzle w/o SSHs"): (4.589, 6.223, 4.465, 5.092),
+    ("Table 3", "HMTL 3x3 puzzle"): (3.874, 5.929, 4.416, 4.740),
+}
+PAPER_SUBJECTS = {"SL": (5.333, 4.760, 3.934, 3.828), "HMTL 2x2 puzzle": (5.116, 4.365, 3.615, 3.603)}
+PEERS = "HopeNet (α=2) 6.16, FSA-Net 5.07, WHENet 5.42, 6DRepNet 3.97, DirectMHP 4.04"
+TASK_NAMES = {"puzzle": "puzzle", "rotation": "rotation", "puzzle_rotation": "puzzle-rotation"}
+
+
+def configurations(quick, env):
+    """{table: [(row label, flags)]} for every row of Tables 1-4; the SS pre-training run first."""
+    if quick:  # synthetic heads stand in for every dataset; ETH-XGaze runs keep their hyperparameters
+        tiny = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "32", "--epochs", "2", "--synthetic-val",
+                "96", "--workers", "0"]
+        eth = lambda subjects, aug: ["--data", "synthetic", "--synthetic-train", str(192 * subjects), "--head",
+                                     "reg", "--dropout", "0.4", "--ssl-weight", "1", "--milestones", "30", "40",
+                                     "--aug", aug, *tiny]
+        w300 = lambda aug: ["--data", "synthetic", "--synthetic-train", "192", "--aug", aug, *tiny]
+    else:
+        eth = lambda subjects, aug: ["--data", "ethxgaze", "--data-root", env["ETHXGAZE_ROOT"],
+                                     "--train-subjects", str(subjects), "--aug", aug]
+        w300 = lambda aug: ["--data", "300wlp", "--data-root", env["W300LP_ROOT"], "--val-root",
+                            env["AFLW2000_ROOT"], "--aflw2000-reduced", "--aug", aug]
+    hmtl_ = lambda task, flag=3, grid=2: ["--task", task, "--flag", str(flag), "--grid", str(grid)]
+    pretrain = ["--stage", "pretrain", "--task", "rotation", "--grid", "2"]
+    t1 = [("SL, 1 subject", eth(1, "eth41"))] + [
+        (f"HMTL {TASK_NAMES[t]} 2x2, flag {f}", eth(1, "eth41") + hmtl_(t, f))
+        for t in ("puzzle", "rotation", "puzzle_rotation") for f in (1, 2, 3, 4)]
+    t2 = [("SS pre-training (rotation 2x2)", w300("1") + pretrain)]
+    for init, flags in (("random", []), ("ImageNet", ["--init", "imagenet"]), ("SS-pre-trained", ["--init", "PRETRAINED"])):
+        t2 += [(f"SL, {init} init", w300("1") + flags), (f"HMTL puzzle, flag 3, {init} init", w300("1") + flags + hmtl_("puzzle"))]
+    t2 += [("HMTL rotation, flag 3, random init", w300("1") + hmtl_("rotation")),
+           ("SL, 1° bins", w300("1") + ["--bin-width", "1"]),
+           ("HMTL puzzle, 1° bins", w300("1") + ["--bin-width", "1"] + hmtl_("puzzle")),
+           ("SL, aug level 2", w300("2")), ("HMTL puzzle, aug level 2", w300("2") + hmtl_("puzzle"))]
+    t3 = [("SL, aug level 2", w300("2")), ("HMTL 3x3 puzzle w/o SSHs", w300("2") + hmtl_("puzzle", 3, 3) + ["--no-ssh"]),
+          ("HMTL 3x3 puzzle", w300("2") + hmtl_("puzzle", 3, 3))]
+    t4 = [(f"{name}, {k} subject{'s' * (k > 1)}", eth(k, "eth52") + flags) for k in (1, 2, 3, 4)
+          for name, flags in (("SL", []), ("HMTL 2x2 puzzle", hmtl_("puzzle")),
+                              ("HMTL 2x2 puzzle w/o SSHs", hmtl_("puzzle") + ["--no-ssh"]))]
+    return {"Table 1": t1, "Table 2": t2, "Table 3": t3, "Table 4": t4}
+
+
+def slug(flags):
+    """A run folder's name: its method flags, readable, then a hash of all its flags."""
+    method = {"--task", "--flag", "--grid", "--no-ssh", "--stage", "--init", "--bin-width", "--aug", "--data",
+              "--train-subjects", "--synthetic-train"}
+    parts = [f.lstrip("-") + ("" if f == "--no-ssh" else "=" + Path(flags[i + 1]).name[:20])
+             for i, f in enumerate(flags) if f in method]
+    return "_".join(parts) + "_" + hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8]
+
+
+def run(flags, folder):
+    """A finished run's summary, running (or resuming) it first when needed; a reason when it cannot run."""
+    if (folder / "summary.json").is_file():
+        return json.loads((folder / "summary.json").read_text())
+    try:
+        return hmtl.main([*flags, "--out", str(folder)] + (["--resume"] if (folder / "last.pt").is_file() else []))
+    except SystemExit as e:  # a dataset or the ImageNet weights are out of reach, or training failed
+        print(f"  not run: {e}")
+        return {"skipped": str(e)}
+
+
+def evaluate_on(folder, name, flags):
+    """A finished run's best checkpoint on another test set (cached as <name>.json in its folder)."""
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        path.write_text(json.dumps(hmtl.main(["--eval-only", "--checkpoint", str(folder / "best.pt"), *flags])))
+    return json.loads(path.read_text())
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def cell(ms):
+    return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
+
+
+def aggregate(summaries, key):
+    return mean_std([s.get(key) for s in summaries if "skipped" not in s])
+
+
+def table(name, rows, angles, extra=()):
+    """Markdown: per row, ours (mean ± std over seeds) and the paper's figure where it has one."""
+    head = "| Row | " + " | ".join(f"{a} (ours)" for a in angles) + " | mean (ours) | paper mean | Δ mean |"
+    head += "".join(f" {e} |" for e, _ in extra)
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for label, summaries in rows:
+        skipped = [s["skipped"] for s in summaries if "skipped" in s]
+        if len(skipped) == len(summaries):
+            lines.append(f"| {label} | not run: {skipped[0][:90]}… |" + " |" * (head.count("|") - 3))
+            continue
+        ours = [aggregate(summaries, f"val_mae_{a}") for a in angles] + [aggregate(summaries, "val_mae_mean")]
+        paper = PAPER.get((name, label), (None,) * 4)[3]
+        delta = f"{ours[-1][0] - paper:+.2f}" if paper is not None and ours[-1] else "–"
+        line = f"| {label} | " + " | ".join(cell(o) for o in ours) + f" | {paper if paper is not None else '–'} | {delta} |"
+        lines.append(line + "".join(f" {cell(fn(summaries))} |" for _, fn in extra))
+    return "\n".join(lines)
+
+
+def curves(folders):
+    """Mean validation MAE per epoch over the seeds of a configuration."""
+    per_seed = []
+    for folder in folders:
+        if (folder / "metrics.csv").is_file():
+            with open(folder / "metrics.csv") as f:
+                per_seed.append([float(r["val_mae_mean"]) for r in csv.DictReader(f)])
+    if not per_seed:
+        return None
+    length = min(map(len, per_seed))
+    return np.mean([c[:length] for c in per_seed], 0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every configuration on tiny synthetic heads: a smoke run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--runs", help="runs folder (runs/paper, or runs/paper-quick with --quick)")
+    p.add_argument("--out", default="results", help="where tables.md and the figures go")
+    args = p.parse_args()
+    env = {k: os.environ.get(k, "") for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT", "BIWI_NPZ")}
+    if not args.quick and not all(env[k] for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT")):
+        raise SystemExit("set ETHXGAZE_ROOT, W300LP_ROOT and AFLW2000_ROOT (and optionally BIWI_NPZ), "
+                         "or run the smoke test with --quick")
+    runs = Path(args.runs or ("runs/paper-quick" if args.quick else "runs/paper"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables, results, folders = configurations(args.quick, env), {}, {}
+    total = sum(len(rows) for rows in tables.values()) * args.seeds
+    done = 0
+    for name, rows in tables.items():
+        for label, flags in rows:
+            for seed in range(args.seeds):
+                done += 1
+                folder = runs / slug(flags) / f"seed{seed}"
+                pretrained = runs / slug(tables["Table 2"][0][1]) / f"seed{seed}" / "best.pt"
+                flags_s = [str(pretrained) if f == "PRETRAINED" else f for f in flags] + ["--seed", str(seed)]
+                print(f"[{done}/{total}] {name}: {label}, seed {seed} -> {folder}", flush=True)
+                summary = run(flags_s, folder)
+                if name == "Table 2" and "val_mae_mean" in summary:
+                    extra = [] if args.quick else ["--val-root", env["AFLW2000_ROOT"]]
+                    summary["full"] = evaluate_on(folder, "eval_aflw2000_full", extra)["val_mae_mean"]
+                    if env["BIWI_NPZ"]:
+                        biwi = evaluate_on(folder, "eval_biwi", ["--val-data", "biwi", "--val-root", env["BIWI_NPZ"]])
+                        summary["biwi"] = biwi["val_mae_mean"]
+                results.setdefault((name, label), []).append(summary)
+                folders.setdefault((name, label), []).append(folder)
+    write_tables(results, out, args)
+    write_figures(results, folders, out, args.quick)
+
+
+def write_tables(results, out, args):
+    rows = lambda table_name: [(label, s) for (t, label), s in results.items() if t == table_name]
+    smoke = ("> **SMOKE RUN** (`run_all.sh --quick`): synthetic heads at 32 px, ResNet18, 2 epochs, stand in for "
+             "every dataset. It shows the pipeline runs end to end; it is **not** the paper's result.\n\n") if args.quick else ""
+    two_angles = ("yaw", "pitch")
+    t4 = ["| Training subjects | " + " | ".join(f"{n} (ours)" for n in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs"))
+          + " | SL (paper) | HMTL (paper) |", "| --- | --- | --- | --- | --- | --- |"]
+    for k in (1, 2, 3, 4):
+        ours = [cell(aggregate(results.get(("Table 4", f"{n}, {k} subject{'s' * (k > 1)}"), []), "val_mae_mean"))
+                for n in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs")]
+        t4.append(f"| {k} | " + " | ".join(ours) + f" | {PAPER_SUBJECTS['SL'][k - 1]} | {PAPER_SUBJECTS['HMTL 2x2 puzzle'][k - 1]} |")
+    text = (f"# Tables ({args.seeds} seed{'s' * (args.seeds > 1)} per row, mean ± std of the final validation MAE, "
+            f"degrees)\n\n{smoke}"
+            f"## Table 1: ETH-XGaze, 1 training subject, validation subjects 108, 109, 111\n\n"
+            f"{table('Table 1', rows('Table 1'), two_angles if not args.quick else hmtl.ANGLES)}\n\n"
+            f"## Table 2: trained on 300W-LP, tested on AFLW2000 (1969 reduced; full 2000 and BIWI evaluated "
+            f"from the best checkpoint)\n\n"
+            f"{table('Table 2', rows('Table 2')[1:], hmtl.ANGLES, [('full 2000 (ours)', lambda s: mean_std([x.get('full') for x in s])), ('BIWI (ours)', lambda s: mean_std([x.get('biwi') for x in s]))])}\n\n"
+            f"Peers on AFLW2000 (1969): {PEERS}.\n\n"
+            f"## Table 3: AFLW2000 reduced, augmentation level 2\n\n{table('Table 3', rows('Table 3'), hmtl.ANGLES)}\n\n"
+            f"## Table 4: ETH-XGaze, 1-4 training subjects (mean MAE)\n\n" + "\n".join(t4) + "\n")
+    (out / "tables.md").write_text(text)
+    print(f"wrote {out / 'tables.md'}")
+
+
+def write_figures(results, folders, out, quick):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tag = "\nSMOKE RUN (synthetic heads, tiny): not the paper's result" if quick else ""
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))  # Fig 3: MAE per flag and task
+    for task in TASK_NAMES.values():
+        stats = [aggregate(results.get(("Table 1", f"HMTL {task} 2x2, flag {f}"), []), "val_mae_mean") for f in (1, 2, 3, 4)]
+        if all(stats):
+            ax.errorbar([1, 2, 3, 4], [s[0] for s in stats], [s[1] for s in stats], marker="o", capsize=3, label=f"HMTL {task}")
+    sl = aggregate(results.get(("Table 1", "SL, 1 subject"), []), "val_mae_mean")
+    if sl:
+        ax.axhline(sl[0], color="k", ls="--", label="SL")
+    ax.set(xlabel="flag point", ylabel="val MAE (°)", xticks=[1, 2, 3, 4], title="Fig 3: ETH-XGaze, 1 subject" + tag)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fig3_flags.png", dpi=100)
+    plt.close(fig)
+
+    panels = [("fig4_curves_random_init.png", "Fig 4: SL vs HMTL, random init", ["SL, random init", "HMTL puzzle, flag 3, random init"], "Table 2"),
+              ("fig5_curves_pretrained_init.png", "Fig 5: SL vs HMTL, SS-pre-trained init",
+               ["SL, SS-pre-trained init", "HMTL puzzle, flag 3, SS-pre-trained init"], "Table 2"),
+              ("fig6_curves_table3.png", "Fig 6: Table 3 runs", ["SL, aug level 2", "HMTL 3x3 puzzle w/o SSHs", "HMTL 3x3 puzzle"], "Table 3")]
+    for name, title, labels, table_name in panels:  # Figs 4-6: val MAE per epoch
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for label in labels:
+            c = curves(folders.get((table_name, label), []))
+            if c is not None:
+                ax.plot(range(1, len(c) + 1), c, marker="o", label=label)
+        ax.set(xlabel="epoch", ylabel="val MAE (°), mean of seeds", title=title + tag)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))  # Fig 7: MAE vs number of subjects
+    for name in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs"):
+        stats = [aggregate(results.get(("Table 4", f"{name}, {k} subject{'s' * (k > 1)}"), []), "val_mae_mean") for k in (1, 2, 3, 4)]
+        if all(stats):
+            ax.errorbar([1, 2, 3, 4], [s[0] for s in stats], [s[1] for s in stats], marker="o", capsize=3, label=f"{name} (ours)")
+    for name, values in PAPER_SUBJECTS.items():
+        ax.plot([1, 2, 3, 4], values, ls=":", marker="x", label=f"{name} (paper)")
+    ax.set(xlabel="training subjects" + (" (x192 synthetic heads)" if quick else ""), ylabel="val MAE (°)",
+           xticks=[1, 2, 3, 4], title="Fig 7: MAE vs training subjects" + tag)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fig7_subjects.png", dpi=100)
+    plt.close(fig)
+    print(f"wrote {out}/fig3_flags.png, fig4-6 curves, fig7_subjects.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Using a trained model: prediction with drawn axes, and export."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from scipy.io import loadmat
+
+import hmtl
+from conftest import tiny_args
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trained")
+    hmtl.main(tiny_args(folder, "--task", "puzzle", "--epochs", "1"))
+    return folder / "run" / "best.pt"
+
+
+def facing_side(yaw, pitch, roll, size=200):
+    """Which side of the image centre the drawn facing (blue) axis points to: -1 left, +1 right."""
+    image = Image.new("RGB", (size, size))
+    hmtl.draw_axes(ImageDraw.Draw(image), yaw, pitch, roll, (size / 2, size / 2), size / 3)
+    blue = np.argwhere((np.asarray(image) == (0, 0, 255)).all(-1))
+    return np.sign(blue[:, 1].mean() - size / 2)
+
+
+def test_drawn_facing_axis_points_where_the_nose_is_in_real_faces(aflw_sample):
+    checked = 0
+    for mat in sorted(aflw_sample.glob("*.mat")):
+        m = loadmat(mat)
+        pitch, yaw, roll = np.degrees(m["Pose_Para"][0, :3])
+        if not 30 < abs(yaw) <= 99:
+            continue
+        points = m["pt3d_68"][:2]
+        nose_side = np.sign(points[0, 30] - (points[0, 36:48].mean()))
+        assert facing_side(yaw, pitch, roll) == nose_side, mat.name
+        checked += 1
+    assert checked > 25
+
+
+def test_predict_writes_a_csv_and_images_with_axes(checkpoint, aflw_sample, tmp_path):
+    images = sorted(aflw_sample.glob("*.jpg"))[:10]
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x_min,y_min,x_max,y_max\n" + f"{images[0].name},100,120,300,330\n")
+    rows = hmtl.main(["--predict", *map(str, images[:5]), str(aflw_sample), "--checkpoint", str(checkpoint),
+                      "--boxes", str(boxes), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert len(rows) == 5 + 100
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        written = list(csv.DictReader(f))
+    assert [r["path"] for r in written] == [r["path"] for r in rows] and set(written[0]) == {"path", "yaw", "pitch", "roll"}
+    assert all(-99 <= float(r[a]) <= 99 for r in written for a in ("yaw", "pitch", "roll"))
+    drawn = np.asarray(Image.open(tmp_path / "out" / f"{images[0].stem}_axes.png"))
+    assert (drawn[225, 200] == (0, 0, 255)).all()  # the axes start at the box's centre
+    # the same crop predicted directly gives the same angles
+    net, cfg = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
+    crop = hmtl.square_crop(Image.open(images[1]).convert("RGB"), (0, 0, 450, 450), cfg["img_size"])
+    x = hmtl.shuffle_tiles_normalize(torch.from_numpy(crop.copy())[None], *hmtl.sample_tiles(1, 1, "none"))
+    direct = net(x)[0].tolist()
+    assert [float(rows[1][a]) for a in ("yaw", "pitch", "roll")] == pytest.approx(direct, abs=1e-3)
+
+
+def test_predict_refuses_a_folder_without_images(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="no .jpg, .jpeg, .png or .bmp images"):
+        hmtl.main(["--predict", str(tmp_path), "--checkpoint", str(checkpoint)])
+
+
+def test_export_matches_pytorch_and_has_the_sl_networks_parameters(checkpoint, tmp_path):
+    report = hmtl.main(["--export", str(tmp_path / "exported"), "--checkpoint", str(checkpoint)])
+    sl = hmtl.HMTL("resnet18", 3, "catreg", 3, task="none")
+    assert report["parameters"] == sum(p.numel() for p in sl.parameters())
+    assert report["torch.export"] <= 1e-3
+    program = torch.export.load(tmp_path / "exported" / "hmtl.pt2").module()
+    net, _ = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the one exported with
+    torch.testing.assert_close(program(x), net(x), atol=1e-3, rtol=0)
+    assert json.loads((tmp_path / "exported" / "export.json").read_text()) == report
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    report = hmtl.main(["--export", str(tmp_path / "exported"), "--checkpoint", str(checkpoint)])
+    assert report["onnx"] <= 1e-3
+    session = ort.InferenceSession(str(tmp_path / "exported" / "hmtl.onnx"))
+    net, _ = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
+    x = torch.randn(7, 3, 32, 32)
+    np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], net(x).detach().numpy(), atol=1e-3)
