@@ -1027,8 +1027,9 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
-def write_metrics(out, history, names):
-    """metrics.csv (one row per epoch) and curves.png (training loss and validation MAE per epoch)."""
+def write_metrics(out, history, names, baseline):
+    """metrics.csv (one row per epoch) and curves.png (training loss and validation MAE per epoch,
+    beside the MAE of predicting the training mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1044,10 +1045,13 @@ def write_metrics(out, history, names):
     for name in [f"val_mae_{a}" for a in names] + ["val_mae_mean"]:
         if name in history[-1]:
             right.plot(epochs, [row[name] for row in history], marker="o", label=name[8:])
-    if "val_mae_mean" not in history[-1]:
+    if "val_mae_mean" in history[-1]:
+        right.axhline(baseline, color="grey", ls="--", label="training mean")
+    else:
         for name in [k for k in history[-1] if k.startswith("val_acc_")]:
             right.plot(epochs, [row[name] for row in history], marker="o", label=name)
-    right.set(xlabel="epoch", ylabel="validation MAE (degrees)", title=out.name)
+    right.set(xlabel="epoch", ylabel="validation MAE (degrees)" if "val_mae_mean" in history[-1] else "SS accuracy",
+              title=out.name)
     right.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
@@ -1118,7 +1122,7 @@ def train(cfg, state=None):
             save_checkpoint(last, checkpoint)
             if best:
                 save_checkpoint(out / "best.pt", checkpoint)
-            write_metrics(out, history, names)
+            write_metrics(out, history, names, baseline.mean().item())
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     final = history[-1]
     summary = {k: v for k, v in final.items() if k.startswith(("val_", "train_"))}

@@ -17,24 +17,26 @@ import torch
 import hmtl
 
 
-def timed(fn, device, repeats, warmup=3):
-    """Median milliseconds of fn() over `repeats` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed(fns, device, repeats, warmup=3):
+    """Median milliseconds of each fn(), the functions taking turns so drifts hit them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                ts.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def per_image_loop(x, perm, rot):
@@ -62,7 +64,7 @@ def main():
     n, s = args.batch, args.size
     floor_name = "copy_ (floor)" if device.type == "cpu" else "device-to-device copy_ (floor)"
     print(f"tile op on {device} ({torch.get_num_threads()} threads), {n}x3x{s}x{s}, rotations on, "
-          f"median of {args.repeats}; torch {torch.__version__}, extension "
+          f"median of {args.repeats}, paths taking turns; torch {torch.__version__}, extension "
           f"{'built' if hmtl.tiles_ext is not None else 'NOT built'}\n")
     print("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
@@ -78,11 +80,9 @@ def main():
                          ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext"))]
             rows += [("PyTorch reference", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch")),
                      ("per-image Python loop", lambda: per_image_loop(x, perm, rot))]
-            floor = None
-            for name, fn in rows:
-                ms = timed(fn, device, args.repeats)
-                floor = floor or ms
-                print(f"| {str(dtype).replace('torch.', '')} | {g} | {name} | {ms:.2f} | {ms / floor:.2f} |")
+            times = timed([fn for _, fn in rows], device, args.repeats)
+            for (name, _), ms in zip(rows, times):
+                print(f"| {str(dtype).replace('torch.', '')} | {g} | {name} | {ms:.2f} | {ms / times[0]:.2f} |")
 
     print(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on\n")
     print("| path | ms | x torch |\n| --- | --- | --- |")
@@ -98,11 +98,9 @@ def main():
         rows += [("fused extension, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext")),
                  ("fused extension, out=", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext", out=out))]
     rows += [("fused PyTorch reference", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="torch"))]
-    base = None
-    for name, fn in rows:
-        ms = timed(fn, device, args.repeats)
-        base = base or ms
-        print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
+    times = timed([fn for _, fn in rows], device, args.repeats)
+    for (name, _), ms in zip(rows, times):
+        print(f"| {name} | {ms:.2f} | {ms / times[0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def main():
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--task", default="puzzle")
     p.add_argument("--flag", type=int, default=3)
     p.add_argument("--grid", type=int, default=2)
