@@ -1,6 +1,6 @@
 // hmtl's tile op: batched jigsaw shuffle + per-tile rotation (DESIGN.md section 4).
 // This file holds the argument checks shared with the CUDA kernel, the CPU kernels
-// (parallel over images and tiles), the operator schemas and the pybind11 module.
+// (parallel over images and bands of tiles), the operator schemas and the pybind11 module.
 #include "tiles.h"
 
 #include <ATen/MemoryOverlap.h>
