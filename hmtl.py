@@ -1103,11 +1103,13 @@ def train(cfg, state=None):
     for epoch in range(start, cfg["epochs"]):
         began = time.perf_counter()
         train_batches.set_epoch(epoch)
+        kept = f"{last} holds epoch {epoch}" if epoch else "no checkpoint was written yet"
         try:
             stats = train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
         except FloatingPointError as e:
-            raise SystemExit(f"{e}: training stopped; the last good checkpoint is {last}"
-                             f"{' (epoch ' + str(epoch) + ')' if epoch else ' (none: nothing was trained)'}") from None
+            raise SystemExit(f"{e}: training stopped; the last good checkpoint: {kept}") from None
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted in epoch {epoch + 1}: {kept}; continue with --resume") from None
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
         scheduler.step()
         row |= evaluate(trained, val_loader, cfg, rt, len(val_set)) | {"seconds": time.perf_counter() - began}
@@ -1404,7 +1406,8 @@ def main(argv=None):
             raise SystemExit(f"{cfg['out']} already holds a run: add --resume to continue it, or pick another --out")
         return train(cfg)
     state = load_checkpoint(last)  # the run goes on as it began; only its length, workers and device may change
-    return train({**state["config"], **given(args, "epochs", "workers", "device"), "resume": True}, state)
+    return train({**state["config"], **given(args, "epochs", "workers", "device"), "resume": True,
+                  "out": cfg["out"]}, state)  # the folder may have moved since
 
 
 if __name__ == "__main__":
