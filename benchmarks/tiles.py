@@ -84,6 +84,18 @@ def main():
             for (name, _), ms in zip(rows, times):
                 print(f"| {str(dtype).replace('torch.', '')} | {g} | {name} | {ms:.2f} | {ms / times[0]:.2f} |")
 
+    print(f"\nWhere the time goes: float32, g = 3, every tile rotated by the same k\n")
+    print("| k | ms | x floor |\n| --- | --- | --- |")
+    x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(device)
+    out = torch.empty_like(x)
+    perm = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)[0]
+    rows = [lambda: out.copy_(x)]
+    if hmtl.tiles_ext is not None:
+        rows += [lambda k=k: hmtl.shuffle_tiles(x, perm, torch.full_like(perm, k), "ext", out=out) for k in range(4)]
+    times = timed(rows, device, args.repeats)
+    for k, ms in enumerate(times[1:]):
+        print(f"| {k} ({90 * k}°) | {ms:.2f} | {ms / times[0]:.2f} |")
+
     print(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on\n")
     print("| path | ms | x torch |\n| --- | --- | --- |")
     x = torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen).to(device)
