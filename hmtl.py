@@ -1011,6 +1011,12 @@ def data_loader(dataset, batches, cfg, rt):
                                        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)
 
 
+def validation_loader(dataset, cfg, rt):
+    """Every validation image once, in order, each process taking its share of every batch."""
+    batches = GlobalBatches(len(dataset), cfg["batch_size"], cfg["seed"], False, False, rt.rank, rt.world)
+    return data_loader(dataset, batches, cfg, rt)
+
+
 def save_checkpoint(path, state):
     """Atomic: the file is either the previous checkpoint or the new one, never half of one."""
     tmp = Path(path).with_suffix(".tmp")
@@ -1042,16 +1048,16 @@ def write_metrics(out, history, names, baseline):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss (eq. 1)", title="training loss")
-    for name in [f"val_mae_{a}" for a in names] + ["val_mae_mean"]:
-        if name in history[-1]:
-            right.plot(epochs, [row[name] for row in history], marker="o", label=name[8:])
     if "val_mae_mean" in history[-1]:
+        for name in [f"val_mae_{a}" for a in names] + ["val_mae_mean"]:
+            right.plot(epochs, [row[name] for row in history], marker="o", label=name[8:])
         right.axhline(baseline, color="grey", ls="--", label="training mean")
-    else:
+        right.set(ylabel="validation MAE (degrees)")
+    else:  # SS pre-training: no pose heads
         for name in [k for k in history[-1] if k.startswith("val_acc_")]:
             right.plot(epochs, [row[name] for row in history], marker="o", label=name)
-    right.set(xlabel="epoch", ylabel="validation MAE (degrees)" if "val_mae_mean" in history[-1] else "SS accuracy",
-              title=out.name)
+        right.set(ylabel="SS accuracy")
+    right.set(xlabel="epoch", title=out.name)
     right.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=90)
@@ -1094,8 +1100,7 @@ def train(cfg, state=None):
     if len(train_batches) == 0:
         raise SystemExit(f"{len(train_set)} training images make no batch of {cfg['batch_size']}")
     loader = data_loader(train_set, train_batches, cfg, rt)
-    val_loader = data_loader(val_set, GlobalBatches(len(val_set), cfg["batch_size"], cfg["seed"], False, False,
-                                                    rt.rank, rt.world), cfg, rt)
+    val_loader = validation_loader(val_set, cfg, rt)
     mean = torch.from_numpy(train_set.angles.mean(0))
     baseline = (torch.from_numpy(val_set.angles) - mean).abs().mean(0)
     score = (lambda m: m["val_mae_mean"]) if model_has_pose(model) else \
@@ -1157,9 +1162,7 @@ def evaluate_checkpoint(args):
     model.load_state_dict(state["model"])
     model = model.to(rt.device, memory_format=torch.channels_last)
     val_set = rank0_first(rt, lambda: load_split(cfg, False))
-    loader = data_loader(val_set, GlobalBatches(len(val_set), cfg["batch_size"], cfg["seed"], False, False,
-                                                rt.rank, rt.world), cfg, rt)
-    metrics = evaluate(model, loader, cfg, rt, len(val_set))
+    metrics = evaluate(model, validation_loader(val_set, cfg, rt), cfg, rt, len(val_set))
     metrics |= {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "val_data": cfg["val_data"],
                 "val_images": len(val_set)}
     if rt.rank == 0:
