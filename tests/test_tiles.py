@@ -86,6 +86,31 @@ def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt):
     assert got.stride() == want.stride() == x.stride()
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [7, 8, 9, 16, 17, 33])
+def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype):
+    """The CPU kernel moves turned tiles in 8 x 8 blocks and reverses bytes 16 at a time:
+    tile sides on, below and above those sizes, one turn for all tiles, margins on two sides."""
+    x = random_images(2, 3, 2 * t + 1, 2 * t + 5, dtype, seed=t)
+    perm = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
+    for k in range(4):
+        rot = torch.full_like(perm, k)
+        assert torch.equal(hmtl.shuffle_tiles(x, perm, rot, "ext"), tile_by_tile(x, perm, rot)), k
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_of_a_larger_batch_are_bit_exact(dtype):
+    base = random_images(3, 5, 50, 47, dtype)
+    perm, _ = hmtl.sample_tiles(3, 3, "puzzle", torch.Generator().manual_seed(6))
+    rot = torch.randint(0, 4, perm.shape, generator=torch.Generator().manual_seed(7))
+    for x in (base[:, 1:4, 2:45, 3:41], base[:, :, ::2, :], base.transpose(2, 3)):
+        out = torch.full_like(x, 7)
+        hmtl.shuffle_tiles(x, perm, rot, "ext", out=out)
+        assert torch.equal(out, tile_by_tile(x, perm, rot))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("out_fmt", FORMATS)
 def test_out_receives_the_result_in_its_own_layout(backend, out_fmt):
