@@ -388,6 +388,11 @@ def square_crop(image, box, size):
     return np.asarray(face.crop((left, top, left + size, top + size)).convert("RGB"))
 
 
+def resized(image, size):
+    """A uint8 H x W x 3 array resized (bilinear) to size x size."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 def read_mat(path):
     """(yaw, pitch, roll) in degrees and pt2d from a 300W-LP / AFLW2000 .mat file."""
     from scipy.io import loadmat
@@ -460,7 +465,7 @@ class XGazeFiles(torch.utils.data.Dataset):
         h5 = self.handles.get(f) or self.handles.setdefault(f, h5py.File(self.paths[f], "r"))
         image = np.ascontiguousarray(h5["face_patch"][row][..., ::-1])
         if image.shape[0] != self.size:
-            image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BILINEAR))
+            image = resized(image, self.size)
         return torch.from_numpy(image.copy()), torch.from_numpy(self.angles[i])
 
 
@@ -475,8 +480,7 @@ def biwi_arrays(path, size):
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"{path}: not FSA-Net's BIWI .npz with 'image' and 'pose' ({e})") from None
     if images.shape[1:3] != (size, size):
-        images = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((size, size), Image.BILINEAR))
-                           for im in images])
+        images = np.stack([resized(np.ascontiguousarray(im), size) for im in images])
     return PoseArrays(np.ascontiguousarray(images), angles)
 
 

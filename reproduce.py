@@ -31,6 +31,12 @@ PAPER = {
 PAPER_SUBJECTS = {"SL": (5.333, 4.760, 3.934, 3.828), "HMTL 2x2 puzzle": (5.116, 4.365, 3.615, 3.603)}
 PEERS = "HopeNet (α=2) 6.16, FSA-Net 5.07, WHENet 5.42, 6DRepNet 3.97, DirectMHP 4.04"
 TASK_NAMES = {"puzzle": "puzzle", "rotation": "rotation", "puzzle_rotation": "puzzle-rotation"}
+T4_METHODS = ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs")
+
+
+def t4_label(method, subjects):
+    """Table 4's row label: a method trained on k ETH-XGaze subjects."""
+    return f"{method}, {subjects} subject{'s' * (subjects > 1)}"
 
 
 def configurations(quick, env):
@@ -61,9 +67,8 @@ def configurations(quick, env):
            ("SL, aug level 2", w300("2")), ("HMTL puzzle, aug level 2", w300("2") + hmtl_("puzzle"))]
     t3 = [("SL, aug level 2", w300("2")), ("HMTL 3x3 puzzle w/o SSHs", w300("2") + hmtl_("puzzle", 3, 3) + ["--no-ssh"]),
           ("HMTL 3x3 puzzle", w300("2") + hmtl_("puzzle", 3, 3))]
-    t4 = [(f"{name}, {k} subject{'s' * (k > 1)}", eth(k, "eth52") + flags) for k in (1, 2, 3, 4)
-          for name, flags in (("SL", []), ("HMTL 2x2 puzzle", hmtl_("puzzle")),
-                              ("HMTL 2x2 puzzle w/o SSHs", hmtl_("puzzle") + ["--no-ssh"]))]
+    t4 = [(t4_label(name, k), eth(k, "eth52") + flags) for k in (1, 2, 3, 4)
+          for name, flags in zip(T4_METHODS, ([], hmtl_("puzzle"), hmtl_("puzzle") + ["--no-ssh"]))]
     return {"Table 1": t1, "Table 2": t2, "Table 3": t3, "Table 4": t4}
 
 
@@ -184,11 +189,10 @@ def write_tables(results, out, args):
     smoke = ("> **SMOKE RUN** (`run_all.sh --quick`): synthetic heads at 32 px, ResNet18, 2 epochs, stand in for "
              "every dataset. It shows the pipeline runs end to end; it is **not** the paper's result.\n\n") if args.quick else ""
     two_angles = ("yaw", "pitch")
-    t4 = ["| Training subjects | " + " | ".join(f"{n} (ours)" for n in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs"))
+    t4 = ["| Training subjects | " + " | ".join(f"{n} (ours)" for n in T4_METHODS)
           + " | SL (paper) | HMTL (paper) |", "| --- | --- | --- | --- | --- | --- |"]
     for k in (1, 2, 3, 4):
-        ours = [cell(aggregate(results.get(("Table 4", f"{n}, {k} subject{'s' * (k > 1)}"), []), "val_mae_mean"))
-                for n in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs")]
+        ours = [cell(aggregate(results.get(("Table 4", t4_label(n, k)), []), "val_mae_mean")) for n in T4_METHODS]
         t4.append(f"| {k} | " + " | ".join(ours) + f" | {PAPER_SUBJECTS['SL'][k - 1]} | {PAPER_SUBJECTS['HMTL 2x2 puzzle'][k - 1]} |")
     text = (f"# Tables ({args.seeds} seed{'s' * (args.seeds > 1)} per row, mean ± std of the final validation MAE, "
             f"degrees)\n\n{smoke}"
@@ -241,8 +245,8 @@ def write_figures(results, folders, out, quick):
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4))  # Fig 7: MAE vs number of subjects
-    for name in ("SL", "HMTL 2x2 puzzle", "HMTL 2x2 puzzle w/o SSHs"):
-        stats = [aggregate(results.get(("Table 4", f"{name}, {k} subject{'s' * (k > 1)}"), []), "val_mae_mean") for k in (1, 2, 3, 4)]
+    for name in T4_METHODS:
+        stats = [aggregate(results.get(("Table 4", t4_label(name, k)), []), "val_mae_mean") for k in (1, 2, 3, 4)]
         if all(stats):
             ax.errorbar([1, 2, 3, 4], [s[0] for s in stats], [s[1] for s in stats], marker="o", capsize=3, label=f"{name} (ours)")
     for name, values in PAPER_SUBJECTS.items():

@@ -45,6 +45,11 @@ C10_HOST_DEVICE inline Line source_line(int64_t k, int64_t i, int64_t t, int64_t
   }
 }
 
+// Element offset, inside its image and plane, of the top-left pixel of tile q (row-major).
+C10_HOST_DEVICE inline int64_t tile_offset(int64_t q, Grid grid, Strides xs) {
+  return (q / grid.g) * grid.t * xs.h + (q % grid.g) * grid.t * xs.w;
+}
+
 // Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes,
 // dtypes, devices, that each perm row is a permutation and each rot lies in 0..3.
 // Raises ValueError / TypeError naming the problem; returns the grid.

@@ -20,7 +20,7 @@ __device__ __forceinline__ int64_t source_pixel(int64_t img, int64_t i, int64_t 
   const int64_t g2 = grid.g * grid.g, p = (i / grid.t) * grid.g + j / grid.t;
   const int64_t q = perm[img * g2 + p];
   const Line line = source_line(rot[img * g2 + p], i % grid.t, grid.t, xs.h, xs.w);
-  return (q / grid.g) * grid.t * xs.h + (q % grid.g) * grid.t * xs.w + line.start + (j % grid.t) * line.step;
+  return tile_offset(q, grid, xs) + line.start + (j % grid.t) * line.step;
 }
 
 // E is an unsigned integer of the element's size: shuffling only moves bits.
