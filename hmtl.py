@@ -1073,6 +1073,13 @@ def train(cfg, state=None):
     rt = runtime(cfg)
     out, main_process = Path(cfg["out"]), rt.rank == 0
     last = out / "last.pt"
+    if state and rt.world > 1:  # each process read last.pt itself; a run still writing it splits them
+        epochs = torch.tensor([state["epoch"], -state["epoch"]], device=rt.device)
+        dist.all_reduce(epochs, dist.ReduceOp.MAX)
+        newest, oldest = epochs[0].item(), -epochs[1].item()
+        if newest != oldest:
+            raise SystemExit(f"the processes read {last} at different epochs ({oldest} to {newest}): "
+                             f"another run is still writing to {out}; stop it, then --resume again")
     train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
     names = angle_names(cfg["data"])
     torch.manual_seed(cfg["seed"])  # the weights' initialisation, then dropout

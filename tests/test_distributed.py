@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +26,41 @@ NO_DROPOUT = ["--dropout", "0", "--ssl-dropout", "0"]
 TOLERANCE = {"val_mae_mean": 0.05, "train_loss": 0.05}
 
 
-def torchrun(args, **kw):
+def torchrun(args, script=REPO / "hmtl.py"):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(REPO / "hmtl.py"), *args], env=ONE_THREAD, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+                             str(script), *args], env=ONE_THREAD, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def crash(launcher):
+    """SIGKILL torchrun and its workers at once, as a lost machine would. torchrun starts each
+    worker in a session of its own, so killing torchrun's group alone leaves them training on."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [launcher.pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, "the killed run's processes did not stop"
+        time.sleep(0.05)
+
+
+def alive(pid):
+    """Running (not a zombie, which no longer writes)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def history(run):
@@ -47,16 +79,16 @@ def runs(tmp_path_factory):
     two = torchrun(args("two"))
     output = two.communicate()[0]
     assert two.returncode == 0, output
-    killed = torchrun(args("killed"), start_new_session=True)
+    killed = torchrun(args("killed"))
     checkpoint = tmp / "killed" / "last.pt"
     while killed.poll() is None and not checkpoint.exists():
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait()
+    crash(killed)
     epoch = torch.load(checkpoint, weights_only=True)["epoch"]
     resumed = torchrun(args("killed") + ["--resume"])
     resumed_output = resumed.communicate()[0]
     assert resumed.returncode == 0, resumed_output
+    assert f"at epoch {epoch + 1} on cpu" in resumed_output
     return tmp, output, epoch
 
 
@@ -85,6 +117,20 @@ def test_a_killed_two_process_run_resumes_to_the_same_metrics(runs):
     assert killed_at < 3
     timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows]
     assert timeless(history(tmp / "killed")) == timeless(history(tmp / "two"))
+
+
+def test_processes_that_read_different_checkpoints_stop_before_training(runs, tmp_path):
+    """As when a run still writing last.pt is resumed: each process reads the file itself."""
+    tmp, _, _ = runs
+    script = tmp_path / "resume_apart.py"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport hmtl\n"
+                      "state = hmtl.load_checkpoint(sys.argv[1])\n"
+                      "state['epoch'] -= int(os.environ['RANK'])\n"
+                      "hmtl.train({**state['config'], 'out': sys.argv[2]}, state)\n")
+    proc = torchrun([str(tmp / "two" / "last.pt"), str(tmp_path / "apart")], script=script)
+    output = proc.communicate()[0]
+    assert proc.returncode != 0 and "at different epochs (2 to 3)" in output, output
+    assert not (tmp_path / "apart").exists()  # nothing written
 
 
 def test_processes_split_every_global_batch_and_its_random_numbers_exactly():
