@@ -17,6 +17,7 @@ needs_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and hmtl.tiles_ext is not None and hmtl.tiles_ext.with_cuda),
     reason="needs a CUDA GPU and the extension built with CUDA")
 BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def random_images(n, c, h, w, dtype, fmt=torch.contiguous_format, seed=0):
@@ -87,28 +88,32 @@ def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t", [7, 8, 9, 16, 17, 33])
-def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype):
+def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype, device):
     """The CPU kernel moves turned tiles in 8 x 8 blocks and reverses bytes 16 at a time:
     tile sides on, below and above those sizes, one turn for all tiles, margins on two sides."""
     x = random_images(2, 3, 2 * t + 1, 2 * t + 5, dtype, seed=t)
     perm = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
     for k in range(4):
         rot = torch.full_like(perm, k)
-        assert torch.equal(hmtl.shuffle_tiles(x, perm, rot, "ext"), tile_by_tile(x, perm, rot)), k
+        got = hmtl.shuffle_tiles(x.to(device), perm.to(device), rot.to(device), "ext")
+        assert torch.equal(got.cpu(), tile_by_tile(x, perm, rot)), k
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_views_of_a_larger_batch_are_bit_exact(dtype):
+def test_views_of_a_larger_batch_are_bit_exact(dtype, device):
     base = random_images(3, 5, 50, 47, dtype)
     perm, _ = hmtl.sample_tiles(3, 3, "puzzle", torch.Generator().manual_seed(6))
     rot = torch.randint(0, 4, perm.shape, generator=torch.Generator().manual_seed(7))
-    for x in (base[:, 1:4, 2:45, 3:41], base[:, :, ::2, :], base.transpose(2, 3)):
+    for view in (lambda b: b[:, 1:4, 2:45, 3:41], lambda b: b[:, :, ::2, :], lambda b: b.transpose(2, 3)):
+        x = view(base.to(device))
         out = torch.full_like(x, 7)
-        hmtl.shuffle_tiles(x, perm, rot, "ext", out=out)
-        assert torch.equal(out, tile_by_tile(x, perm, rot))
+        hmtl.shuffle_tiles(x, perm.to(device), rot.to(device), "ext", out=out)
+        assert torch.equal(out.cpu(), tile_by_tile(view(base), perm, rot))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,17 +141,19 @@ def test_inverse_parameters_restore_the_input_exactly(backend, dtype, task):
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 40), w=st.integers(1, 40),
        g=st.integers(1, 5), dtype=st.sampled_from(DTYPES), fmt=st.sampled_from(FORMATS),
        task=st.sampled_from(hmtl.TASKS), seed=st.integers(0, 2**31))
-def test_property_extension_equals_reference_and_round_trips(n, c, h, w, g, dtype, fmt, task, seed):
+def test_property_extension_equals_reference_and_round_trips(device, n, c, h, w, g, dtype, fmt, task, seed):
     g = min(g, h, w)
     x = random_images(n, c, h, w, dtype, fmt, seed)
     perm, rot = hmtl.sample_tiles(n, g, task, torch.Generator().manual_seed(seed))
-    got = hmtl.shuffle_tiles(x, perm, rot, "ext")
-    assert torch.equal(got, tile_by_tile(x, perm, rot))
-    assert torch.equal(hmtl.shuffle_tiles(got, *hmtl.invert_tiles(perm, rot), "ext"), x)
+    got = hmtl.shuffle_tiles(x.to(device), perm.to(device), rot.to(device), "ext")
+    assert torch.equal(got.cpu(), tile_by_tile(x, perm, rot))
+    back = hmtl.shuffle_tiles(got, *hmtl.invert_tiles(perm.to(device), rot.to(device)), "ext")
+    assert torch.equal(back.cpu(), x)
 
 
 def outcome(fn):
@@ -273,26 +280,28 @@ def test_fused_op_refuses_bad_input(backend):
 # ----------------------------------------------------------------------------- operator registration
 
 @needs_ext
-def test_opcheck_passes_for_every_operator():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_passes_for_every_operator(device):
     gen = torch.Generator().manual_seed(0)
     for dtype, fmt, (n, c, h, w), g in [(torch.float32, torch.contiguous_format, (2, 3, 12, 14), 3),
                                         (torch.uint8, torch.channels_last, (1, 3, 9, 9), 2),
                                         (torch.bfloat16, torch.contiguous_format, (3, 1, 7, 10), 1)]:
-        x = random_images(n, c, h, w, dtype, fmt)
-        perm, rot = hmtl.sample_tiles(n, g, "puzzle_rotation", gen)
+        x = random_images(n, c, h, w, dtype, fmt).to(device)
+        perm, rot = (t.to(device) for t in hmtl.sample_tiles(n, g, "puzzle_rotation", gen))
         torch.library.opcheck(torch.ops.hmtl.shuffle_tiles.default, (x, perm, rot))
         torch.library.opcheck(torch.ops.hmtl.shuffle_tiles_out.default, (x, perm, rot, torch.empty_like(x)))
-        u8 = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=gen)
+        u8 = torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=gen).to(device)
         mean, std = [0.5] * c, [0.25] * c
         for out_dtype in (torch.float32, torch.bfloat16):
             torch.library.opcheck(torch.ops.hmtl.shuffle_tiles_normalize.default,
                                   (u8, perm, rot, mean, std, out_dtype, fmt == torch.channels_last))
         torch.library.opcheck(torch.ops.hmtl.shuffle_tiles_normalize_out.default,
-                              (u8, perm, rot, mean, std, torch.empty(n, c, h, w)))
+                              (u8, perm, rot, mean, std, torch.empty(n, c, h, w, device=device)))
 
 
 @needs_ext
-def test_torch_compile_traces_the_operators_in_one_graph():
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_the_operators_in_one_graph(device):
     @torch.compile(backend="aot_eager", fullgraph=True)
     def shuffled_and_normalised(u8, perm, rot):
         y = hmtl.shuffle_tiles_normalize(u8, perm, rot, backend="ext")
@@ -301,7 +310,8 @@ def test_torch_compile_traces_the_operators_in_one_graph():
     u8 = torch.randint(0, 256, (2, 12, 12, 3), dtype=torch.uint8)
     perm, rot = hmtl.sample_tiles(2, 2, "rotation")
     want = hmtl.shuffle_tiles(hmtl.shuffle_tiles_normalize(u8, perm, rot, backend="torch"), perm, rot, "torch") * 2
-    assert torch.equal(shuffled_and_normalised(u8, perm, rot), want)
+    got = shuffled_and_normalised(u8.to(device), perm.to(device), rot.to(device))
+    assert torch.equal(got.cpu(), want)
 
 
 # ----------------------------------------------------------------------------- sampling and backends
@@ -380,6 +390,23 @@ def test_cuda_bad_input_raises_the_same_errors(message):
     x, perm, rot = (t.cuda() for t in bad_inputs()[message])
     with pytest.raises((ValueError, TypeError), match=message):
         hmtl.shuffle_tiles(x, perm, rot, backend="ext")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_batches_past_the_grid_limit_are_bit_exact(dtype):
+    """The kernel launches at most 2^16 blocks of 256 threads (one per pixel) and strides
+    over the rest: 340 images of 224 x 224 px are 17.1M pixels, past 2^24."""
+    x = random_images(340, 3, 224, 224, dtype, torch.channels_last if dtype == torch.uint8 else torch.contiguous_format)
+    perm, _ = hmtl.sample_tiles(340, 3, "puzzle", torch.Generator().manual_seed(8))
+    rot = torch.randint(0, 4, perm.shape, generator=torch.Generator().manual_seed(9))
+    got = hmtl.shuffle_tiles(x.cuda(), perm.cuda(), rot.cuda(), "ext")
+    assert torch.equal(got.cpu(), hmtl.shuffle_tiles(x, perm, rot, "ext"))
+    if dtype == torch.uint8:
+        u8 = x.permute(0, 2, 3, 1)  # N x H x W x C, contiguous
+        for out_dtype in (torch.float32, torch.bfloat16):
+            got = hmtl.shuffle_tiles_normalize(u8.cuda(), perm.cuda(), rot.cuda(), dtype=out_dtype, backend="ext")
+            assert torch.equal(got.cpu(), hmtl.shuffle_tiles_normalize(u8, perm, rot, dtype=out_dtype, backend="ext"))
 
 
 @needs_cuda

@@ -57,6 +57,22 @@ def test_a_killed_run_resumes_to_the_same_metrics_as_one_that_never_stopped(tmp_
     assert timeless(tmp_path / "killed") == timeless(tmp_path / "whole")  # every digit of every metric
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
+def test_a_tiny_run_learns_on_the_gpu_and_resumes_there(tmp_path, amp, capsys):
+    args = tiny_args(tmp_path, "--task", "puzzle_rotation", "--device", "cuda", "--amp", amp)
+    hmtl.main(args)
+    hmtl.main(args + ["--resume", "--epochs", "4"])
+    assert f"resuming {tmp_path / 'run'} at epoch 3 on cuda:0 (1 process, amp {amp})" in capsys.readouterr().out
+    history = [{k: float(v) for k, v in row.items()} for row in rows(tmp_path / "run")]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert all(np.isfinite(list(r.values())).all() for r in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["rng"]["cuda"] is not None
+    assert bool(state["scaler"]) == (amp == "fp16")  # fp16 alone scales the loss
+
+
 def test_eval_only_reproduces_the_best_checkpoints_mae(tmp_path):
     hmtl.main(tiny_args(tmp_path, "--task", "rotation", "--epochs", "3"))
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
