@@ -36,12 +36,10 @@ def crash(launcher):
     """SIGKILL torchrun and its workers at once, as a lost machine would. torchrun starts each
     worker in a session of its own, so killing torchrun's group alone leaves them training on."""
     children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+    for pid in (int(p.name) for p in Path("/proc").glob("[0-9]*")):
+        fields = proc_stat(pid)
+        if fields:
+            children.setdefault(int(fields[1]), []).append(pid)
     tree, todo = [], [launcher.pid]
     while todo:
         tree.append(todo.pop())
@@ -55,12 +53,18 @@ def crash(launcher):
         time.sleep(0.05)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def alive(pid):
     """Running (not a zombie, which no longer writes)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def history(run):
