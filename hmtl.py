@@ -1,24 +1,35 @@
 """Hybrid Multi-Task Learning (HMTL) for fine-grained head pose estimation.
 
-Reference implementation of Pourmirzaei et al., "How Self-Supervised Learning Can be
-Used for Fine-Grained Head Pose Estimation?" (2021). A ResNet regresses yaw, pitch and
-roll from a face crop; during training, self-supervised (SS) branches at one of four
-"flag points" of the backbone solve a jigsaw puzzle and/or per-tile rotations of the
-*same* shuffled image. At test time the SS branches are dropped.
+Reference implementation of Pourmirzaei, Montazer and Esmaili, "How Self-Supervised Learning Can be
+Used for Fine-Grained Head Pose Estimation?" (2021).
+
+The method. A ResNet regresses yaw, pitch and roll from a face crop (the supervised, SL, part). While
+it trains, self-supervised (SS) branches attached at one of the four "flag points" of the backbone
+(the output of stage 1, 2, 3 or 4) solve a jigsaw puzzle and/or predict per-tile rotations. Both
+parts see the *same* input in one forward pass: every training image is cut into g x g tiles that
+are shuffled (and/or rotated) before it enters the network, the pose heads must estimate the pose
+of that shuffled face, and the SS heads must say where each tile came from. The loss is
+L = L_SL + w·L_SS (eq. 1). The SS branches are dropped for deployment, so the shipped network is
+the plain supervised one.
 
     python hmtl.py --task puzzle --flag 3          # HMTL on synthetic heads (no download)
 
-Read top to bottom: tile op, data, augmentation, model, losses, optimizer, training,
-evaluation, command line. Conventions (angles, tiles, datasets) are in DESIGN.md.
+This file reads top to bottom: the model, the losses, the optimizer, how a training batch is made,
+the training step, loop and evaluation, then using a trained model and the command line, and last
+the tile op's PyTorch reference. The datasets live in hmtl_data.py, the C++/CUDA tile op in csrc/,
+the conventions (angles, tiles, datasets, crops) in docs/method.md.
 """
 import argparse
 import copy
 import csv
 import functools
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,16 +43,253 @@ import torchvision
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- tile op
-# Batched jigsaw shuffle + per-tile rotation (DESIGN.md section 4). The C++/CUDA
-# extension (csrc/) does it in one pass; the PyTorch reference below is what the tests
-# hold it to and what runs when the extension is not built.
+from hmtl_data import (ANGLES, CROP_PROTOCOLS, DATASETS, TEST_SETS, DataError, angle_names, is_arrays, load_split,
+                       pose_matrix, split_holdout, square_crop)
+
 try:
-    import hmtl_tiles as tiles_ext  # built by `pip install --no-build-isolation -e .`
+    import hmtl_tiles as tiles_ext  # the C++/CUDA tile op, built by `pip install --no-build-isolation -e .`
 except ImportError:
     tiles_ext = None
 
-TASKS = ("none", "puzzle", "rotation", "puzzle_rotation")
+# ----------------------------------------------------------------------------- the model
+# A torchvision ResNet. Supervised pose heads sit on its pooled output (after stage 4); SS
+# branches read the output of stage `flag`. Pose heads are `catreg` (HopeNet: per angle, a
+# softmax over bins whose expectation is the angle) or `reg` (one output per angle).
+
+SSL_TASKS = {"none": (), "puzzle": ("puzzle",), "rotation": ("rotation",), "puzzle_rotation": ("puzzle", "rotation")}
+
+
+def bin_centres(width):
+    """Centres of the catreg bins spanning [-99°, 99°]: 66 for 3° bins, 198 for 1° bins."""
+    return torch.arange(-99 + width / 2, 99, width, dtype=torch.float32)
+
+
+def expected_angle(logits, centres):
+    """catreg's angle: the softmax expectation over the bin centres (eq. 2)."""
+    return (logits.float().softmax(-1) * centres).sum(-1)
+
+
+class SSLBranch(nn.Module):
+    """A self-supervised branch: one residual block of the backbone's own type (it keeps the width,
+    so its skip is the identity), global average pooling, Dropout, and one Linear head per tile
+    position -- the g² heads stacked in one Linear."""
+
+    def __init__(self, block, channels, tiles, classes, dropout):
+        super().__init__()
+        self.block = block(channels, channels // block.expansion) if block else nn.Identity()
+        self.dropout, self.heads, self.tiles = nn.Dropout(dropout), nn.Linear(channels, tiles * classes), tiles
+
+    def forward(self, features):
+        return self.heads(self.dropout(self.block(features).mean((2, 3)))).unflatten(1, (self.tiles, -1))
+
+
+class HMTL(nn.Module):
+    """A torchvision ResNet with supervised pose heads on its pooled output and SS branches at flag
+    point `flag` (the output of stage `flag`). forward(x) -> (N x angles x outputs pose head
+    outputs, {task: N x g² x classes SS logits}). With angles=0 and ssl_block=False it is the
+    SS pre-training network: the SS heads sit where the pose heads were.
+    """
+
+    def __init__(self, arch="resnet50", angles=3, head="catreg", bin_width=3, dropout=0.5, task="none", flag=3,
+                 grid=2, ssl_dropout=0.2, ssl_block=True):
+        super().__init__()
+        net = getattr(torchvision.models, arch)()
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        block = type(net.layer1[0])
+        width = [64 * 2 ** k * block.expansion for k in range(4)]  # channels at flags 1-4
+        outputs = len(bin_centres(bin_width)) if head == "catreg" else 1
+        self.pose_heads = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), nn.Linear(width[3], outputs))
+                                        for _ in range(angles))
+        classes = {"puzzle": grid * grid, "rotation": 4}
+        self.ssl_branches = nn.ModuleDict({task: SSLBranch(block if ssl_block else None, width[flag - 1],
+                                                           grid * grid, classes[task], ssl_dropout)
+                                           for task in SSL_TASKS[task]})
+        self.flag = flag
+
+    def forward(self, x):
+        taps = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            taps.append(x)
+        pooled = x.mean((2, 3))
+        pose = torch.stack([head(pooled) for head in self.pose_heads], 1) if len(self.pose_heads) else None
+        return pose, {task: branch(taps[self.flag - 1]) for task, branch in self.ssl_branches.items()}
+
+    def deployable(self):
+        """The supervised network alone, every SS parameter gone: what is evaluated, exported and shipped."""
+        net = copy.deepcopy(self)
+        net.ssl_branches = nn.ModuleDict()
+        return net
+
+
+def build_model(cfg):
+    """The network a config describes. Three modes besides plain SL (task none):
+    HMTL: SS branches for the task at the flag point; w/o SSHs (--no-ssh): no SS branches at all,
+    though the inputs are still shuffled; SS pre-training (--stage pretrain): no pose heads, and the
+    SS heads sit directly on the pooled backbone (flag 4, no extra block), where the pose heads were."""
+    pretrain = cfg["stage"] == "pretrain"
+    return HMTL(arch=cfg["arch"], angles=0 if pretrain else len(angle_names(cfg["data"])), head=cfg["head"],
+                bin_width=cfg["bin_width"], dropout=cfg["dropout"], task="none" if cfg["no_ssh"] else cfg["task"],
+                flag=4 if pretrain else cfg["flag"], grid=cfg["grid"], ssl_dropout=cfg["ssl_dropout"],
+                ssl_block=not pretrain)
+
+
+IMAGENET_WEIGHTS = {"imagenet": "IMAGENET1K_V1", "imagenet-v2": "IMAGENET1K_V2"}
+
+
+def load_backbone(model, init, arch):
+    """--init imagenet (torchvision's IMAGENET1K_V1 weights, the recipe a 2021 ResNet50 came from),
+    imagenet-v2 (IMAGENET1K_V2, torchvision's newer recipe), or PATH (a torchvision ResNet state
+    dict, or an hmtl checkpoint, e.g. from --stage pretrain): copies the backbone; the heads stay
+    as initialised."""
+    if init in IMAGENET_WEIGHTS:
+        weights = imagenet_weights(init, arch)
+        try:
+            state = weights.get_state_dict(progress=True)
+        except Exception as e:
+            raise SystemExit(f"--init {init}: cannot download torchvision's {weights} ({type(e).__name__}); "
+                             f"fetch them once elsewhere and pass the file: --init PATH") from e
+    else:
+        state = load_checkpoint(init)
+        state = state.get("model", state)
+    rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", **{f"layer{k}.": f"stages.{k - 1}." for k in range(1, 5)}}
+    for old, new in rename.items():
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    backbone = {k: v for k, v in state.items() if k.startswith(("stem.", "stages."))}
+    wanted = [k for k in model.state_dict() if k.startswith(("stem.", "stages."))]
+    if sorted(backbone) != sorted(wanted) or any(backbone[k].shape != model.state_dict()[k].shape for k in wanted):
+        raise SystemExit(f"--init {init}: does not hold a {arch} backbone")
+    model.load_state_dict(backbone, strict=False)
+
+
+def imagenet_weights(init, arch):
+    """The torchvision weights enum member that --init names for `arch`; SystemExit if it has none."""
+    enum = torchvision.models.get_model_weights(arch)
+    if not hasattr(enum, IMAGENET_WEIGHTS[init]):
+        raise SystemExit(f"--init {init}: torchvision has no {IMAGENET_WEIGHTS[init]} weights for {arch}")
+    return getattr(enum, IMAGENET_WEIGHTS[init])
+
+
+# ----------------------------------------------------------------------------- the losses (paper eq. 1-3)
+
+def rmse(pred, target):
+    """Per angle over the batch; the ε keeps the gradient finite at zero error."""
+    return ((pred - target) ** 2).mean(0).add(1e-8).sqrt()
+
+
+def catreg_loss(logits, target, centres, alpha):
+    """Eq. 2, catreg (HopeNet): per angle, CE over the bins + α·RMSE of the expected angle; summed."""
+    width = float(centres[1] - centres[0])
+    bins = ((target + 99) / width).floor().long().clamp(0, len(centres) - 1)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), bins.flatten(), reduction="none").view(bins.shape).mean(0)
+    return (ce + alpha * rmse(expected_angle(logits, centres), target)).sum()
+
+
+def reg_loss(outputs, target):
+    """Eq. 2, reg: RMSE per angle, summed."""
+    return rmse(outputs[..., 0].float(), target).sum()
+
+
+def ssl_loss(logits, labels, shuffled=None):
+    """Eq. 3: the cross-entropy of every tile head, summed over heads and tasks, averaged over the
+    images (over those whose tiles were shuffled, where `shuffled` marks them)."""
+    total = 0
+    for task in logits:
+        ce = F.cross_entropy(logits[task].float().flatten(0, 1), labels[task].flatten(), reduction="none")
+        ce = ce.view(labels[task].shape).sum(1)
+        total = total + (ce.mean() if shuffled is None else (ce * shuffled).sum() / shuffled.sum().clamp(min=1))
+    return total
+
+
+def hmtl_loss(sl, ss, weight):
+    """Eq. 1: L = L_SL + w·L_SS."""
+    return sl + weight * ss
+
+
+def supervised_loss(pose, angles, cfg, centres):
+    if cfg["head"] == "catreg":
+        return catreg_loss(pose, angles, centres, cfg["alpha"])
+    return reg_loss(pose, angles)
+
+
+def predicted_angles(pose, head, centres):
+    return expected_angle(pose, centres) if head == "catreg" else pose[..., 0].float()
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+class AdaBelief(torch.optim.Optimizer):
+    """AdaBelief (Zhuang et al., NeurIPS 2020) as the official adabelief-pytorch v0.2 package computes
+    it, with its defaults: decoupled weight decay and, unless rectify=False, RAdam's rectification.
+
+        m_t = β1·m + (1 - β1)·g                          s_t = β2·s + (1 - β2)·(g - m_t)² + ε
+    not rectified:
+        θ_t = θ - α·(m_t / (1 - β1^t)) / (sqrt(s_t / (1 - β2^t)) + ε)
+    rectified: with ρ_∞ = 2 / (1 - β2) - 1 and ρ_t = ρ_∞ - 2t·β2^t / (1 - β2^t),
+        ρ_t ≥ 5:  r_t = sqrt((ρ_t - 4)(ρ_t - 2)ρ_∞ / ((ρ_∞ - 4)(ρ_∞ - 2)ρ_t))
+                  θ_t = θ - α·r_t·(m_t / (1 - β1^t))·sqrt(1 - β2^t) / (sqrt(s_t) + ε)
+        ρ_t < 5:  θ_t = θ - α·m_t / (1 - β1^t)        (the package's degenerated_to_sgd)
+
+    r_t rises from 0 towards 1 over the first thousands of steps (0.65 at step 1,000, 0.92 at
+    3,000 for β2 = 0.999): a built-in learning-rate warm-up.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, rectify=True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rectify=rectify))
+
+    @staticmethod
+    def rectification(t, beta2):
+        """(ρ_t, r_t) of step t; r_t is None where ρ_t < 5."""
+        rho_inf = 2 / (1 - beta2) - 1
+        rho = rho_inf - 2 * t * beta2 ** t / (1 - beta2 ** t)
+        if rho < 5:
+            return rho, None
+        return rho, math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+            states = [self.state[p] for p in params]
+            for p, st in zip(params, states):
+                if not st:
+                    st.update(step=0, m=torch.zeros_like(p), s=torch.zeros_like(p))
+                st["step"] += 1
+            t = states[0]["step"]  # the parameters of a group step together
+            grads, m, s = [p.grad for p in params], [st["m"] for st in states], [st["s"] for st in states]
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            surprise = torch._foreach_sub(grads, m)
+            torch._foreach_mul_(s, b2)
+            torch._foreach_addcmul_(s, surprise, surprise, value=1 - b2)
+            torch._foreach_add_(s, eps)
+            if not group["rectify"]:
+                denom = torch._foreach_div(s, 1 - b2 ** t)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
+                continue
+            _, r = self.rectification(t, b2)
+            if r is None:
+                torch._foreach_add_(params, m, alpha=-lr / (1 - b1 ** t))
+                continue
+            denom = torch._foreach_sqrt(s)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-lr * r * math.sqrt(1 - b2 ** t) / (1 - b1 ** t))
+
+
+# ----------------------------------------------------------------------------- a training batch
+# On the training device, a whole uint8 batch at a time: the SS labels (perm, rot) are drawn,
+# the images augmented with per-sample parameters, flipped, and then one fused op (csrc/) turns
+# them into normalised floats with their tiles shuffled.
+
+TASKS = tuple(SSL_TASKS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -75,547 +323,42 @@ def invert_tiles(perm, rot):
     return inverse, ((4 - rot) % 4).gather(1, inverse)
 
 
-def _use_extension(backend, x):
-    if backend not in ("auto", "ext", "torch"):
-        raise ValueError(f"unknown tile-op backend {backend!r}: choose auto, ext or torch")
-    if backend == "ext" and tiles_ext is None:
-        raise RuntimeError("the tile-op extension is not built: run `pip install --no-build-isolation -e .`")
-    if backend == "auto" and (tiles_ext is None or (x.is_cuda and not tiles_ext.with_cuda)):
-        _warn_reference_backend()
-        return False
-    return backend != "torch"
-
-
-@functools.cache
-def _warn_reference_backend():
-    warnings.warn("hmtl: the tile-op extension is not built for this device; using the slower PyTorch "
-                  "reference (build it with `pip install --no-build-isolation -e .`)", stacklevel=3)
-
-
-def shuffle_tiles(x, perm, rot, backend="auto", out=None):
+def shuffle_tiles(x, perm, rot, backend="auto", out=None, check=True):
     """out[n, :, tile p] = rot90(x[n, :, tile perm[n, p]], rot[n, p]); pixels off the grid are copied.
 
     x: N x C x H x W (uint8, float16, bfloat16 or float32; any memory format); perm, rot:
     N x g² int64 on x's device. Tiles are t = min(H, W) // g pixels square, row-major.
+    Differentiable in x (the gradient is the inverse shuffle). check=False skips the check
+    that perm rows are permutations and rot lies in 0..3 on the host, which on a GPU would
+    synchronise: the kernel then stops with a device-side assert on a bad value instead.
     """
+    if out is not None:
+        _refuse_autograd_out("shuffle_tiles", x, out)
     if _use_extension(backend, x):
         if out is None:
-            return torch.ops.hmtl.shuffle_tiles(x, perm, rot)
-        torch.ops.hmtl.shuffle_tiles_out(x, perm, rot, out)
+            return torch.ops.hmtl.shuffle_tiles(x, perm, rot, check)
+        torch.ops.hmtl.shuffle_tiles_out(x, perm, rot, out, check)
         return out
     return _shuffle_tiles_reference(x, perm, rot, out)
 
 
 def shuffle_tiles_normalize(x, perm, rot, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32,
-                            channels_last=True, backend="auto", out=None):
+                            channels_last=True, backend="auto", out=None, check=True):
     """Decoded uint8 N x H x W x C images to normalised, shuffled N x C x H x W `dtype`, in one pass.
 
     Equals shuffle_tiles(x.permute(0, 3, 1, 2), perm, rot) mapped by (x / 255 - mean) / std,
     computed as x·scale + shift in float32 (scale = 1 / (255 std), shift = -mean / std).
     """
+    if out is not None:
+        _refuse_autograd_out("shuffle_tiles_normalize", x, out)
     if _use_extension(backend, x):
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if out is None:
-            return torch.ops.hmtl.shuffle_tiles_normalize(x, perm, rot, mean, std, dtype, channels_last)
-        torch.ops.hmtl.shuffle_tiles_normalize_out(x, perm, rot, mean, std, out)
+            return torch.ops.hmtl.shuffle_tiles_normalize(x, perm, rot, mean, std, dtype, channels_last, check)
+        torch.ops.hmtl.shuffle_tiles_normalize_out(x, perm, rot, mean, std, out, check)
         return out
     return _shuffle_tiles_normalize_reference(x, perm, rot, mean, std, dtype, channels_last, out)
 
-
-def _tile_grid(op, n, h, w, perm, rot, device):
-    """(g, t) after the checks of csrc/tiles.cpp, raising the same errors."""
-    if perm.dim() != 2:
-        raise ValueError(f"{op}: perm must be N x g^2, got shape {list(perm.shape)}")
-    if rot.shape != perm.shape:
-        raise ValueError(f"{op}: rot must have perm's shape {list(perm.shape)}, got {list(rot.shape)}")
-    if perm.shape[0] != n:
-        raise ValueError(f"{op}: perm has {perm.shape[0]} rows for {n} images")
-    if perm.dtype != torch.long or rot.dtype != torch.long:
-        raise TypeError(f"{op}: perm and rot must be int64, got {perm.dtype} and {rot.dtype}")
-    if perm.device != device or rot.device != device:
-        raise ValueError(f"{op}: x, perm and rot must be on one device, got {device}, {perm.device} and {rot.device}")
-    g2 = perm.shape[1]
-    g = math.isqrt(g2)
-    if g2 == 0 or g * g != g2:
-        raise ValueError(f"{op}: perm has {g2} columns, which is not a square g^2")
-    if g > min(h, w):
-        raise ValueError(f"{op}: a {g}x{g} grid does not fit a {h}x{w} image (tiles would be empty)")
-    bad = (perm.sort(1).values != torch.arange(g2, device=device)).any(1)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(f"{op}: perm row {i} is not a permutation of 0..{g2 - 1}: {perm[i].tolist()}")
-    bad = (rot < 0) | (rot > 3)
-    if bad.any():
-        i, j = bad.nonzero()[0].tolist()
-        raise ValueError(f"{op}: rot[{i}, {j}] = {int(rot[i, j])} is outside 0..3")
-    return g, min(h, w) // g
-
-
-def _check_dtype(op, what, dtype, allowed):
-    if dtype not in allowed:
-        names = [str(a).replace("torch.", "") for a in allowed]
-        names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-        raise TypeError(f"{op}: {what} must be {names}, got {dtype}")
-
-
-def _shuffle_tiles_reference(x, perm, rot, out=None):
-    if x.dim() != 4:
-        raise ValueError(f"shuffle_tiles: x must be N x C x H x W, got shape {list(x.shape)}")
-    _check_dtype("shuffle_tiles", "x", x.dtype, (torch.uint8, torch.float16, torch.bfloat16, torch.float32))
-    n, c, h, w = x.shape
-    g, t = _tile_grid("shuffle_tiles", n, h, w, perm, rot, x.device)
-    s = g * t
-    tiles = x[:, :, :s, :s].unflatten(2, (g, t)).unflatten(4, (g, t)).permute(0, 2, 4, 1, 3, 5)
-    moved = tiles.reshape(n, g * g, c, t, t)[torch.arange(n, device=x.device)[:, None], perm]
-    for k in (1, 2, 3):
-        moved[rot == k] = torch.rot90(moved[rot == k], k, dims=(-2, -1))
-    out = torch.empty_like(x) if out is None else out
-    out.copy_(x)
-    out[:, :, :s, :s] = moved.unflatten(1, (g, g)).permute(0, 3, 1, 4, 2, 5).reshape(n, c, s, s)
-    return out
-
-
-def normalize_affine(mean, std, device=None):
-    """float32 (scale, shift) with (x / 255 - mean) / std == x·scale + shift, as the kernels use."""
-    scale = torch.tensor([1.0 / (255.0 * float(s)) for s in std], dtype=torch.float32, device=device)
-    shift = torch.tensor([-float(m) / float(s) for m, s in zip(mean, std)], dtype=torch.float32, device=device)
-    return scale, shift
-
-
-def _shuffle_tiles_normalize_reference(x, perm, rot, mean, std, dtype, channels_last, out=None):
-    op = "shuffle_tiles_normalize"
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be N x H x W x C, got shape {list(x.shape)}")
-    _check_dtype(op, "x", x.dtype, (torch.uint8,))
-    dtype = dtype if out is None else out.dtype
-    _check_dtype(op, "the output dtype", dtype, (torch.float32, torch.bfloat16, torch.float16))
-    if len(mean) != x.shape[3] or len(std) != x.shape[3]:
-        raise ValueError(f"{op}: mean and std need one value per channel ({x.shape[3]}), got {len(mean)} and {len(std)}")
-    if not all(s > 0 and math.isfinite(s) for s in std) or not all(math.isfinite(m) for m in mean):
-        raise ValueError(f"{op}: need finite mean and std > 0, got mean {list(mean)} and std {list(std)}")
-    scale, shift = normalize_affine(mean, std, x.device)
-    y = _shuffle_tiles_reference(x.permute(0, 3, 1, 2), perm, rot)
-    y = (y.float() * scale[:, None, None] + shift[:, None, None]).to(dtype)
-    if out is not None:
-        return out.copy_(y)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
-if tiles_ext is not None:  # shapes for torch.compile / FakeTensor tracing of the C++ operators
-    def _fake_tile_args(x, perm, rot, h, w):
-        torch._check(perm.dim() == 2 and rot.shape == perm.shape, lambda: "perm and rot must be N x g^2")
-        torch._check(perm.shape[0] == x.shape[0], lambda: "perm needs one row per image")
-        g = math.isqrt(perm.shape[1])
-        torch._check(g * g == perm.shape[1] and 0 < g <= min(h, w), lambda: "bad tile grid")
-
-    @torch.library.register_fake("hmtl::shuffle_tiles")
-    def _(x, perm, rot):
-        _fake_tile_args(x, perm, rot, x.shape[2], x.shape[3])
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("hmtl::shuffle_tiles_out")
-    def _(x, perm, rot, out):
-        _fake_tile_args(x, perm, rot, x.shape[2], x.shape[3])
-
-    @torch.library.register_fake("hmtl::shuffle_tiles_normalize")
-    def _(x, perm, rot, mean, std, dtype, channels_last):
-        n, h, w, c = x.shape
-        _fake_tile_args(x, perm, rot, h, w)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return torch.empty((n, c, h, w), dtype=dtype, device=x.device, memory_format=fmt)
-
-    @torch.library.register_fake("hmtl::shuffle_tiles_normalize_out")
-    def _(x, perm, rot, mean, std, out):
-        _fake_tile_args(x, perm, rot, x.shape[1], x.shape[2])
-
-
-# ----------------------------------------------------------------------------- synthetic heads
-# The embedded default dataset: 3D heads built from ellipsoids, ray-cast in numpy at known
-# yaw, pitch and roll in the 300W-LP convention (pose_matrix), on cluttered backgrounds.
-# Head frame: x to the image right, y down, z towards the camera (the face side).
-HEAD_PARTS = [  # centre, semi-axes, material
-    ((0, 0, 0), (0.75, 0.95, 0.85), "skin"),
-    ((0, -0.08, -0.08), (0.79, 0.98, 0.88), "hair"),  # a shell, kept on the scalp only
-    ((0, 0.12, 0.78), (0.11, 0.24, 0.2), "nose"),
-    ((-0.3, -0.12, 0.7), (0.14, 0.075, 0.1), "eye"), ((0.3, -0.12, 0.7), (0.14, 0.075, 0.1), "eye"),
-    ((-0.3, -0.12, 0.78), (0.06, 0.06, 0.04), "iris"), ((0.3, -0.12, 0.78), (0.06, 0.06, 0.04), "iris"),
-    ((-0.3, -0.3, 0.72), (0.17, 0.035, 0.06), "brow"), ((0.3, -0.3, 0.72), (0.17, 0.035, 0.06), "brow"),
-    ((0, 0.52, 0.66), (0.22, 0.055, 0.1), "lips"),
-    ((-0.76, 0.05, -0.05), (0.07, 0.2, 0.12), "ear"), ((0.76, 0.05, -0.05), (0.07, 0.2, 0.12), "ear"),
-    ((0, 1.05, -0.2), (0.42, 0.55, 0.42), "skin"),  # neck
-]
-MATERIALS = ("skin", "hair", "nose", "eye", "iris", "brow", "lips", "ear")
-HEAD_LANDMARKS = {"right_eye": (-0.3, -0.12, 0.82), "left_eye": (0.3, -0.12, 0.82), "nose_tip": (0, 0.12, 0.98)}
-
-
-def pose_matrix(yaw, pitch, roll):
-    """Rotation from head axes to camera axes (x right, y down, z towards the viewer), degrees.
-
-    Its first two rows are the image directions of the head's axes drawn by HopeNet's
-    draw_axis, the de-facto definition of the 300W-LP angles: positive yaw turns the face
-    to the image left, positive pitch tilts it up, positive roll lowers its image-right side.
-    """
-    y, p, r = np.radians([-yaw, pitch, roll])
-    row_x = [np.cos(y) * np.cos(r), -np.cos(y) * np.sin(r), np.sin(y)]
-    row_y = [np.cos(p) * np.sin(r) + np.cos(r) * np.sin(p) * np.sin(y),
-             np.cos(p) * np.cos(r) - np.sin(p) * np.sin(y) * np.sin(r), -np.cos(y) * np.sin(p)]
-    return np.array([row_x, row_y, np.cross(row_x, row_y)])
-
-
-def render_head(yaw, pitch, roll, size, rng, supersample=2):
-    """One head: (uint8 size x size x 3 image, {landmark: (x, y) pixels}, material index per pixel)."""
-    rot = pose_matrix(yaw, pitch, roll).astype(np.float32)
-    centres = np.array([p[0] for p in HEAD_PARTS], np.float32)
-    axes = np.array([p[1] for p in HEAD_PARTS], np.float32)
-    scale, shift = rng.uniform(0.5, 0.6), rng.uniform(-0.06, 0.06, 2) + [0, -0.1]
-    s = size * supersample
-    coords = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
-    u, v = np.meshgrid((coords - shift[0]) / scale, (coords - shift[1]) / scale)
-    rays = np.stack([u.ravel(), v.ravel()], 1)  # orthographic rays along -z, in head units
-    depth, part = np.full(s * s, -np.inf, np.float32), np.full(s * s, -1)
-    for k, (_, semi, material) in enumerate(HEAD_PARTS):
-        near = np.flatnonzero(((rays - centres[k] @ rot[:2].T) ** 2).sum(1) < max(semi) ** 2)
-        a = rays[near] @ rot[:2] - centres[k]  # ray origin in the part's frame; direction rot[2]
-        inv2 = 1 / axes[k] ** 2
-        qa, qb, qc = (inv2 * rot[2] ** 2).sum(), (a * inv2 * rot[2]).sum(1), (a * a * inv2).sum(1) - 1
-        hit = qb * qb - qa * qc >= 0
-        near, a, z = near[hit], a[hit], (-qb[hit] + np.sqrt(qb[hit] ** 2 - qa * qc[hit])) / qa  # front root
-        if material == "hair":
-            h = a + z[:, None] * rot[2] + centres[k]
-            scalp = (h[:, 1] < -0.42 + 0.5 * np.maximum(-h[:, 2], 0)) | (h[:, 2] < -0.25)
-            near, z = near[scalp], z[scalp]
-        front = z > depth[near]
-        depth[near[front]], part[near[front]] = z[front], k
-    seen = np.flatnonzero(part >= 0)
-    k = part[seen]
-    normal = ((rays[seen] @ rot[:2] + depth[seen, None] * rot[2] - centres[k]) / axes[k] ** 2) @ rot.T
-    light = rng.normal([0.3, -0.5, 1.0], 0.3)
-    shade = 0.35 + 0.75 * np.clip(normal @ light / np.linalg.norm(normal, axis=1) / np.linalg.norm(light), 0, 1)
-    skin = (rng.uniform() * np.array([0.63, 0.6, 0.55]) + [0.33, 0.2, 0.13]) * rng.uniform(0.9, 1.1, 3)
-    hair = rng.uniform(0.03, 0.55) * np.array([1, 0.75, 0.5]) * rng.uniform(0.85, 1.15, 3)
-    colours = dict(skin=skin, hair=hair, nose=skin * 0.93, eye=[0.92, 0.92, 0.9], iris=rng.uniform(0.05, 0.4, 3),
-                   brow=hair * 0.7, lips=skin * [1.05, 0.6, 0.6], ear=skin * 0.97)
-    material = np.array([MATERIALS.index(p[2]) for p in HEAD_PARTS])[k]
-    image = cluttered_background(s, rng).reshape(-1, 3)
-    image[seen] = np.array([colours[m] for m in MATERIALS])[material] * shade[:, None]
-    image = image.reshape(size, supersample, size, supersample, 3).mean((1, 3))
-    labels = np.full(s * s, -1)
-    labels[seen] = material
-    marks = {name: ((np.array(p) @ rot[:2].T) * scale + shift + 1) / 2 * size for name, p in HEAD_LANDMARKS.items()}
-    return ((np.clip(image, 0, 1) * 255).round().astype(np.uint8), marks,
-            labels.reshape(s, s)[supersample // 2::supersample, supersample // 2::supersample])
-
-
-def cluttered_background(s, rng):
-    yy, xx = np.mgrid[0:s, 0:s] / s
-    image = rng.uniform(0, 1, 3) + rng.uniform(-0.5, 0.5, 3) * xx[..., None] + rng.uniform(-0.5, 0.5, 3) * yy[..., None]
-    for _ in range(rng.integers(3, 9)):
-        (x0, y0), (w, h) = rng.uniform(0, 1, 2), rng.uniform(0.05, 0.5, 2)
-        box = (abs(xx - x0) < w / 2) & (abs(yy - y0) < h / 2)
-        image[box if rng.random() < 0.5 else (xx - x0) ** 2 + (yy - y0) ** 2 < w * w / 4] = rng.uniform(0, 1, 3)
-    return np.clip(image + rng.normal(0, 0.03, image.shape), 0, 1)
-
-
-def synthetic_pose(seed, split, index):
-    """Deterministic (rng, yaw, pitch, roll) of synthetic image `index` of a split."""
-    rng = np.random.default_rng([seed, split, index])
-    return rng, rng.uniform(-90, 90), rng.uniform(-60, 60), rng.uniform(-60, 60)
-
-
-def _render_chunk(args):
-    seed, split, size, indices = args
-    images, angles = [], []
-    for i in indices:
-        rng, yaw, pitch, roll = synthetic_pose(seed, split, i)
-        images.append(render_head(yaw, pitch, roll, size, rng)[0])
-        angles.append((yaw, pitch, roll))
-    return np.stack(images), np.array(angles, np.float32)
-
-
-# ----------------------------------------------------------------------------- datasets
-# Every dataset yields (uint8 H x W x 3 RGB crop, float32 angles in degrees), angles in the
-# order yaw, pitch, roll (ETH-XGaze has no roll). Any of them can be converted once into
-# a memory-mapped cache of fixed-size crops (--cache) that feeds the fused tile op.
-ANGLES = ("yaw", "pitch", "roll")
-DATASETS = ("synthetic", "300wlp", "aflw2000", "ethxgaze", "biwi")
-SOURCES = {
-    "300wlp": "300W-LP: http://www.cbsr.ia.ac.cn/users/xiangyuzhu/projects/3DDFA/main.htm (300W-LP.zip)",
-    "aflw2000": "AFLW2000-3D: http://www.cbsr.ia.ac.cn/users/xiangyuzhu/projects/3DDFA/main.htm (AFLW2000-3D.zip)",
-    "ethxgaze": "ETH-XGaze (224 px face patches): https://ait.ethz.ch/xgaze",
-    "biwi": "BIWI_noTrack.npz from FSA-Net's data: https://github.com/shamangary/FSA-Net",
-}
-
-
-class PoseArrays(torch.utils.data.Dataset):
-    """Decoded crops: uint8 N x S x S x 3 (in memory or memory-mapped) and float32 N x A angles."""
-
-    def __init__(self, images, angles):
-        self.images, self.angles = images, np.asarray(angles, np.float32)
-
-    def __len__(self):
-        return len(self.angles)
-
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.images[i])), torch.from_numpy(self.angles[i])
-
-
-def face_box(pt2d, train, rng):
-    """HopeNet's loose face box from the visible 2D landmarks (row 0: x, row 1: y; < 0: invisible).
-
-    Training: k ~ U[0.2, 0.4], margins 0.6k left, 2k top, 0.6k right and bottom; test: k = 0.2,
-    margins 2k left, top, right and 0.6k bottom. As in HopeNet, each width is measured after
-    the previous side moved. None when no landmark is visible.
-    """
-    visible = (pt2d >= 0).all(0)
-    if not visible.any():
-        return None
-    (x_min, y_min), (x_max, y_max) = pt2d[:, visible].min(1), pt2d[:, visible].max(1)
-    k, (left, top, right, bottom) = (rng.uniform(0.2, 0.4), (0.6, 2, 0.6, 0.6)) if train else (0.2, (2, 2, 2, 0.6))
-    x_min -= left * k * abs(x_max - x_min)
-    y_min -= top * k * abs(y_max - y_min)
-    x_max += right * k * abs(x_max - x_min)
-    y_max += bottom * k * abs(y_max - y_min)
-    return int(x_min), int(y_min), int(x_max), int(y_max)
-
-
-def square_crop(image, box, size):
-    """Crop `box` (black outside the image), shorter side to `size`, centre crop (HopeNet's test transform)."""
-    face = image.crop(box)
-    ratio = size / min(face.size)
-    face = face.resize((max(size, round(face.width * ratio)), max(size, round(face.height * ratio))),
-                       Image.BILINEAR)
-    left, top = (face.width - size) // 2, (face.height - size) // 2
-    return np.asarray(face.crop((left, top, left + size, top + size)).convert("RGB"))
-
-
-def resized(image, size):
-    """A uint8 H x W x 3 array resized (bilinear) to size x size."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-
-
-def read_mat(path):
-    """(yaw, pitch, roll) in degrees and pt2d from a 300W-LP / AFLW2000 .mat file."""
-    from scipy.io import loadmat
-    try:
-        mat = loadmat(path)
-        pitch, yaw, roll = np.degrees(mat["Pose_Para"][0, :3])
-        return np.array([yaw, pitch, roll], np.float32), np.asarray(mat["pt2d"], np.float64)
-    except Exception as e:
-        raise SystemExit(f"{path}: not a 300W-LP / AFLW2000 label file with Pose_Para and pt2d ({e})") from None
-
-
-class PoseFiles(torch.utils.data.Dataset):
-    """300W-LP / AFLW2000-3D as published: name.jpg beside name.mat, in any folder tree.
-
-    Angles beyond ±99° cannot be binned: `drop_out_of_range` filters them (counted in
-    .dropped); otherwise they are kept. Training crops draw HopeNet's random margin once
-    per image from `seed`, so a cache and direct decoding give the same pixels.
-    """
-
-    def __init__(self, root, size, train, seed, drop_out_of_range):
-        files = sorted(p for p in Path(root).rglob("*.jpg") if p.with_suffix(".mat").is_file())
-        if not files:
-            raise SystemExit(f"no name.jpg + name.mat pairs under {root}")
-        angles = np.stack([read_mat(p.with_suffix(".mat"))[0] for p in tqdm(files, "reading labels", leave=False)])
-        keep = (np.abs(angles) <= 99).all(1) if drop_out_of_range else np.ones(len(files), bool)
-        self.dropped = int((~keep).sum())
-        self.files, self.angles = [f for f, k in zip(files, keep) if k], angles[keep]
-        self.size, self.train, self.seed = size, train, seed
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        path = self.files[i]
-        try:
-            image = Image.open(path).convert("RGB")
-        except OSError as e:
-            raise SystemExit(f"{path}: cannot decode image ({e})") from None
-        box = face_box(read_mat(path.with_suffix(".mat"))[1], self.train, np.random.default_rng([self.seed, i]))
-        box = box or (0, 0, image.width, image.height)
-        return torch.from_numpy(square_crop(image, box, self.size).copy()), torch.from_numpy(self.angles[i])
-
-
-class XGazeFiles(torch.utils.data.Dataset):
-    """ETH-XGaze subjectXXXX.h5: face_patch N x 224 x 224 x 3 uint8 BGR, face_head_pose N x 2 (pitch, yaw) radians."""
-
-    def __init__(self, root, subjects, size):
-        import h5py
-        self.paths = [Path(root) / f"subject{s:04d}.h5" for s in subjects]
-        angles = []
-        for path in self.paths:
-            try:
-                with h5py.File(path, "r") as f:
-                    pitch, yaw = np.degrees(f["face_head_pose"][:]).T
-                    assert f["face_patch"].shape[0] == len(yaw)
-            except (OSError, KeyError, AssertionError) as e:
-                raise SystemExit(f"{path}: not an ETH-XGaze subject file with face_patch and face_head_pose ({e})") from None
-            angles.append(np.stack([yaw, pitch], 1))
-        self.index = np.concatenate([np.stack([np.full(len(a), f), np.arange(len(a))], 1) for f, a in enumerate(angles)])
-        self.angles, self.size, self.handles = np.concatenate(angles).astype(np.float32), size, {}
-
-    def __len__(self):
-        return len(self.angles)
-
-    def __getitem__(self, i):
-        import h5py
-        f, row = self.index[i]
-        if self.handles.get("pid") != os.getpid():  # one set of open files per worker process
-            self.handles = {"pid": os.getpid()}
-        h5 = self.handles.get(f) or self.handles.setdefault(f, h5py.File(self.paths[f], "r"))
-        image = np.ascontiguousarray(h5["face_patch"][row][..., ::-1])
-        if image.shape[0] != self.size:
-            image = resized(image, self.size)
-        return torch.from_numpy(image.copy()), torch.from_numpy(self.angles[i])
-
-
-def biwi_arrays(path, size):
-    """FSA-Net's pre-processed BIWI .npz: image N x S x S x 3 uint8 (BGR: written by OpenCV), pose N x 3
-    (yaw, pitch, roll in degrees). Images are resized to `size`."""
-    path = Path(path)
-    path = path / "BIWI_noTrack.npz" if path.is_dir() else path
-    try:
-        with np.load(path) as d:
-            images, angles = d["image"][..., ::-1], d["pose"][:, :3]
-    except (OSError, KeyError, ValueError) as e:
-        raise SystemExit(f"{path}: not FSA-Net's BIWI .npz with 'image' and 'pose' ({e})") from None
-    if images.shape[1:3] != (size, size):
-        images = np.stack([resized(np.ascontiguousarray(im), size) for im in images])
-    return PoseArrays(np.ascontiguousarray(images), angles)
-
-
-def cached(folder, meta, n, size, angles, chunks):
-    """A memory-mapped dataset in `folder` (images.npy, angles.npy, meta.json), reused while `meta`
-    matches and otherwise (re)built from chunks(): an iterator of (start, uint8 images, angles)."""
-    folder = Path(folder)
-    if (folder / "meta.json").is_file() and json.loads((folder / "meta.json").read_text()) == meta:
-        return PoseArrays(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "angles.npy"))
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
-    labels = np.zeros((n, angles), np.float32)
-    with tqdm(total=n, desc=f"building {folder}", unit="img") as bar:
-        for start, x, y in chunks():
-            images[start:start + len(x)], labels[start:start + len(x)] = x, y
-            bar.update(len(x))
-    images.flush()
-    np.save(tmp / "angles.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-        folder.rmdir()
-    tmp.rename(folder)  # appears whole or not at all
-    return cached(folder, meta, n, size, angles, chunks)
-
-
-def synthetic_heads(n, size, seed, split, folder, workers):
-    """n rendered heads of split 0 (train) or 1 (validation), generated once into a cache."""
-    def chunks():
-        starts = range(0, n, 256)
-        jobs = [(seed, split, size, range(s, min(s + 256, n))) for s in starts]
-        with torch.multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
-            for start, (images, angles) in zip(starts, pool.imap(_render_chunk, jobs)):
-                yield start, images, angles
-
-    meta = {"dataset": "synthetic", "n": n, "size": size, "seed": seed, "split": split, "renderer": 3}
-    return cached(Path(folder) / f"synthetic-{'train' if split == 0 else 'val'}-{n}-{size}px-seed{seed}",
-                  meta, n, size, 3, chunks)
-
-
-def cache_dataset(dataset, folder, meta, workers):
-    """--cache: dataset's crops decoded once into a memory-mapped copy."""
-    def chunks():
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=workers)
-        for b, (x, y) in enumerate(loader):
-            yield b * 64, x.numpy(), y.numpy()
-
-    size = dataset[0][0].shape[0]
-    return cached(folder, meta, len(dataset), size, dataset.angles.shape[1], chunks)
-
-
-def source_fingerprint(paths):
-    """What a cache remembers of its source files: names, sizes and modification times."""
-    stats = json.dumps([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths])
-    return [len(paths), hashlib.sha1(stats.encode()).hexdigest()]
-
-
-def angle_names(dataset_name):
-    return ANGLES[:2] if dataset_name == "ethxgaze" else ANGLES
-
-
-def xgaze_subjects(root, spec, exclude=()):
-    """--train-subjects: a count k (the first k subjects found in root, minus `exclude`) or a list
-    '0,3,5' (one subject: '5,')."""
-    if "," in spec:
-        return [int(s) for s in spec.split(",") if s]
-    found = sorted(int(p.stem[len("subject"):]) for p in Path(root).glob("subject*.h5"))
-    return [s for s in found if s not in exclude][:int(spec)]
-
-
-def load_split(cfg, train):
-    """The training or validation set the config names; through --cache when it is given."""
-    name, root = (cfg["data"], cfg["data_root"]) if train else (cfg["val_data"], cfg["val_root"])
-    size, seed, split = cfg["img_size"], cfg["seed"], "train" if train else "val"
-    if name == "synthetic":
-        n = cfg["synthetic_train"] if train else cfg["synthetic_val"]
-        return synthetic_heads(n, size, seed, 0 if train else 1, cfg["cache"] or "data/cache", cfg["workers"])
-    if not root or not Path(root).exists() or (Path(root).is_dir() and not any(Path(root).iterdir())):
-        flag = "--data-root" if train else "--val-root"
-        raise SystemExit(f"{flag} {root!r} for {name}: missing or empty. Get {SOURCES[name]}")
-    if name == "biwi":
-        return biwi_arrays(root, size)
-    if name == "ethxgaze":
-        val = [int(s) for s in cfg["val_subjects"].split(",")]
-        subjects = xgaze_subjects(root, cfg["train_subjects"], val) if train else val
-        dataset = XGazeFiles(root, subjects, size)
-        files = dataset.paths
-    else:
-        drop = train or cfg["aflw2000_reduced"]
-        dataset = PoseFiles(root, size, train, seed, drop_out_of_range=drop)
-        files = dataset.files
-        if dataset.dropped:
-            print(f"{name} {split}: {dataset.dropped} images with an angle beyond ±99° left out, {len(dataset)} kept")
-        split += "-reduced" if drop and not train else ""
-    if not cfg["cache"]:
-        return dataset
-    meta = {"dataset": name, "source": source_fingerprint(files), "size": size, "train": train, "seed": seed}
-    return cache_dataset(dataset, Path(cfg["cache"]) / f"{name}-{split}-{size}px", meta, cfg["workers"])
-
-
-class GlobalBatches(torch.utils.data.Sampler):
-    """One global batch order per epoch, drawn from (seed, epoch); process `rank` of `world` takes
-    samples rank::world of each global batch, so any number of processes sees the same batches."""
-
-    def __init__(self, n, batch, seed, shuffle, drop_last, rank=0, world=1):
-        self.n, self.batch, self.seed, self.shuffle, self.drop_last = n, batch, seed, shuffle, drop_last
-        self.rank, self.world, self.epoch = rank, world, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=seeded(self.seed, "order", self.epoch)) if self.shuffle \
-            else torch.arange(self.n)
-        for b in range(len(self)):
-            rows = order[b * self.batch:(b + 1) * self.batch][self.rank::self.world]
-            if len(rows):
-                yield rows.tolist()
-
-
-def seeded(*keys):
-    """A CPU generator determined by its keys (seed, purpose, epoch, step...)."""
-    words = [int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
-
-
-# ----------------------------------------------------------------------------- augmentation
-# On the training device, on whole uint8 batches, every random parameter drawn per sample.
-# Like a PIL pipeline it returns uint8 images; the fused tile op then normalises and
-# shuffles them in one pass.
 
 class Draws:
     """Per-sample random numbers, drawn for a whole global batch of n, then cut to the rows this
@@ -706,214 +449,64 @@ def augment(images, recipe, draw):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-# ----------------------------------------------------------------------------- model
-
-def bin_centres(width):
-    """Centres of the angle bins spanning [-99°, 99°]: 66 for 3° bins, 198 for 1° bins."""
-    return torch.arange(-99 + width / 2, 99, width, dtype=torch.float32)
+MIRRORED = {"yaw": -1.0, "pitch": 1.0, "roll": -1.0}  # a left-right flip negates yaw and roll
 
 
-def expected_angle(logits, centres):
-    """The softmax expectation over bin centres: catreg's angle (eq. 2)."""
-    return (logits.float().softmax(-1) * centres).sum(-1)
+def flip(images, angles, names, draw, probability):
+    """HopeNet's horizontal flip: each uint8 N x H x W x C image mirrored with `probability`, its yaw
+    and roll negated."""
+    flipped = draw.uniform(0, 1) < probability
+    images = torch.where(flipped[:, None, None, None], images.flip(2), images)
+    sign = torch.tensor([MIRRORED[a] for a in names], device=angles.device)
+    return images, torch.where(flipped[:, None], angles * sign, angles)
 
 
-SSL_TASKS = {"none": (), "puzzle": ("puzzle",), "rotation": ("rotation",), "puzzle_rotation": ("puzzle", "rotation")}
+def prepare(images, angles, cfg, gen, n, rt, *, task, train):
+    """A uint8 N x H x W x 3 batch and its angles -> (normalised float N x 3 x H x W input, angles,
+    perm, rot, shuffled) on the device.
 
-
-class SSLBranch(nn.Module):
-    """A self-supervised branch: one residual block of the backbone's own type (it keeps the width,
-    so its skip is the identity), global average pooling, Dropout, and one Linear head per tile
-    position -- the g² heads stacked in one Linear."""
-
-    def __init__(self, block, channels, tiles, classes, dropout):
-        super().__init__()
-        self.block = block(channels, channels // block.expansion) if block else nn.Identity()
-        self.dropout, self.heads, self.tiles = nn.Dropout(dropout), nn.Linear(channels, tiles * classes), tiles
-
-    def forward(self, features):
-        return self.heads(self.dropout(self.block(features).mean((2, 3)))).unflatten(1, (self.tiles, -1))
-
-
-class HMTL(nn.Module):
-    """A torchvision ResNet with supervised pose heads on its pooled output and SS branches at flag
-    point `flag` (the output of stage `flag`). forward(x) -> (N x angles x outputs pose head
-    outputs, {task: N x g² x classes SS logits}). With angles=0 and ssl_block=False it is the
-    SS pre-training network: the SS heads sit where the pose heads were.
+    train=True augments and flips the images; every image then gets its own random tiles for `task`
+    (SS labels perm, rot), except that with --ss-fraction F < 1 only the images marked in the bool
+    mask `shuffled` (each with probability F) are shuffled. Random numbers are drawn for the n
+    samples of the global batch from `gen`; this process keeps rows rt.rows of them.
     """
-
-    def __init__(self, arch="resnet50", angles=3, head="catreg", bin_width=3, dropout=0.5, task="none", flag=3,
-                 grid=2, ssl_dropout=0.2, ssl_block=True):
-        super().__init__()
-        net = getattr(torchvision.models, arch)()
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
-        block = type(net.layer1[0])
-        width = [64 * 2 ** k * block.expansion for k in range(4)]  # channels at flags 1-4
-        outputs = len(bin_centres(bin_width)) if head == "catreg" else 1
-        self.pose_heads = nn.ModuleList(nn.Sequential(nn.Dropout(dropout), nn.Linear(width[3], outputs))
-                                        for _ in range(angles))
-        classes = {"puzzle": grid * grid, "rotation": 4}
-        self.ssl_branches = nn.ModuleDict({task: SSLBranch(block if ssl_block else None, width[flag - 1],
-                                                           grid * grid, classes[task], ssl_dropout)
-                                           for task in SSL_TASKS[task]})
-        self.flag = flag
-
-    def forward(self, x):
-        taps = []
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-            taps.append(x)
-        pooled = x.mean((2, 3))
-        pose = torch.stack([head(pooled) for head in self.pose_heads], 1) if len(self.pose_heads) else None
-        return pose, {task: branch(taps[self.flag - 1]) for task, branch in self.ssl_branches.items()}
-
-    def deployable(self):
-        """The supervised network alone, every SS parameter gone: what is evaluated, exported and shipped."""
-        net = copy.deepcopy(self)
-        net.ssl_branches = nn.ModuleDict()
-        return net
-
-
-def build_model(cfg):
-    pretrain = cfg["stage"] == "pretrain"
-    return HMTL(cfg["arch"], 0 if pretrain else len(angle_names(cfg["data"])), cfg["head"], cfg["bin_width"],
-                cfg["dropout"], "none" if cfg["no_ssh"] else cfg["task"], 4 if pretrain else cfg["flag"],
-                cfg["grid"], cfg["ssl_dropout"], ssl_block=not pretrain)
-
-
-def load_backbone(model, init, arch):
-    """--init imagenet (torchvision's weights) or PATH (a torchvision ResNet state dict, or an hmtl
-    checkpoint, e.g. from --stage pretrain): copies the backbone; the heads stay as initialised."""
-    if init == "imagenet":
-        try:
-            state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=True)
-        except Exception as e:
-            raise SystemExit(f"--init imagenet: cannot download torchvision's {arch} weights ({type(e).__name__}); "
-                             f"fetch them once elsewhere and pass the file: --init PATH") from e
-    else:
-        state = load_checkpoint(init)
-        state = state.get("model", state)
-    rename = {"conv1.": "stem.0.", "bn1.": "stem.1.", **{f"layer{k}.": f"stages.{k - 1}." for k in range(1, 5)}}
-    for old, new in rename.items():
-        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
-    backbone = {k: v for k, v in state.items() if k.startswith(("stem.", "stages."))}
-    wanted = [k for k in model.state_dict() if k.startswith(("stem.", "stages."))]
-    if sorted(backbone) != sorted(wanted) or any(backbone[k].shape != model.state_dict()[k].shape for k in wanted):
-        raise SystemExit(f"--init {init}: does not hold a {arch} backbone")
-    model.load_state_dict(backbone, strict=False)
-
-
-# ----------------------------------------------------------------------------- losses (paper eq. 1-3)
-
-def rmse(pred, target):
-    """Per angle over the batch; the ε keeps the gradient finite at zero error."""
-    return ((pred - target) ** 2).mean(0).add(1e-8).sqrt()
-
-
-def catreg_loss(logits, target, centres, alpha):
-    """Eq. 2, catreg (HopeNet): per angle, CE over the bins + α·RMSE of the expected angle; summed."""
-    width = float(centres[1] - centres[0])
-    bins = ((target + 99) / width).floor().long().clamp(0, len(centres) - 1)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), bins.flatten(), reduction="none").view(bins.shape).mean(0)
-    return (ce + alpha * rmse(expected_angle(logits, centres), target)).sum()
-
-
-def reg_loss(outputs, target):
-    """Eq. 2, reg: RMSE per angle, summed."""
-    return rmse(outputs[..., 0].float(), target).sum()
-
-
-def ssl_loss(logits, labels):
-    """Eq. 3: the cross-entropy of every tile head (batch-averaged), summed over heads and tasks."""
-    return sum(F.cross_entropy(logits[t].float().flatten(0, 1), labels[t].flatten(), reduction="sum") / len(labels[t])
-               for t in logits)
-
-
-def hmtl_loss(sl, ss, weight):
-    """Eq. 1: L = L_SL + w·L_SS."""
-    return sl + weight * ss
-
-
-def predicted_angles(pose, head, centres):
-    return expected_angle(pose, centres) if head == "catreg" else pose[..., 0].float()
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-class AdaBelief(torch.optim.Optimizer):
-    """AdaBelief (Zhuang et al., NeurIPS 2020, Algorithm 2; no rectification; decoupled weight decay):
-
-        m_t = β1·m + (1 - β1)·g
-        s_t = β2·s + (1 - β2)·(g - m_t)² + ε
-        θ_t = θ - α·(m_t / (1 - β1^t)) / (sqrt(s_t / (1 - β2^t)) + ε)
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
-            states = [self.state[p] for p in params]
-            for p, st in zip(params, states):
-                if not st:
-                    st.update(step=0, m=torch.zeros_like(p), s=torch.zeros_like(p))
-                st["step"] += 1
-            t = states[0]["step"]  # the parameters of a group step together
-            grads, m, s = [p.grad for p in params], [st["m"] for st in states], [st["s"] for st in states]
-            if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            torch._foreach_lerp_(m, grads, 1 - b1)
-            surprise = torch._foreach_sub(grads, m)
-            torch._foreach_mul_(s, b2)
-            torch._foreach_addcmul_(s, surprise, surprise, value=1 - b2)
-            torch._foreach_add_(s, eps)
-            denom = torch._foreach_div(s, 1 - b2 ** t)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** t))
+    images, angles = images.to(rt.device, non_blocking=True), angles.to(rt.device, non_blocking=True)
+    draw = Draws(gen, n, rt.rows, rt.device)
+    if train:
+        images = augment(images, cfg["aug"], draw)
+        if cfg["flip"]:
+            images, angles = flip(images, angles, angle_names(cfg["data"]), draw, cfg["flip"])
+    perm, rot = sample_tiles(n, cfg["grid"], task, gen)
+    perm, rot = perm[rt.rows].to(rt.device), rot[rt.rows].to(rt.device)
+    shuffled = None
+    if train and cfg["ss_fraction"] < 1 and task != "none":
+        shuffled = draw.uniform(0, 1) < cfg["ss_fraction"]
+        identity = sample_tiles(len(perm), cfg["grid"], "none", device=rt.device)
+        perm, rot = (torch.where(shuffled[:, None], a, b) for a, b in zip((perm, rot), identity))
+    return shuffle_tiles_normalize(images, perm, rot, check=False), angles, perm, rot, shuffled
 
 
 # ----------------------------------------------------------------------------- training and evaluation
 
-def prepare(images, cfg, gen, n, rt, task, train):
-    """A uint8 N x H x W x 3 batch -> (normalised float N x 3 x H x W input, perm, rot) on the device:
-    augmented when training, its tiles shuffled for `task`. Random numbers are drawn for the
-    n samples of the global batch; this process keeps rows rt.rows of them."""
-    images = images.to(rt.device, non_blocking=True)
-    if train:
-        images = augment(images, cfg["aug"], Draws(gen, n, rt.rows, rt.device))
-    perm, rot = sample_tiles(n, cfg["grid"], task, gen)
-    perm, rot = perm[rt.rows].to(rt.device), rot[rt.rows].to(rt.device)
-    return shuffle_tiles_normalize(images, perm, rot), perm, rot
-
-
-def supervised_loss(pose, angles, cfg, rt):
-    if cfg["head"] == "catreg":
-        return catreg_loss(pose, angles, rt.centres, cfg["alpha"])
-    return reg_loss(pose, angles)
-
-
 def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
+    """One epoch of the one-pass HMTL step. Each batch is augmented and every image's tiles are
+    shuffled for the SS task (a new permutation each time it is seen); that one shuffled image
+    feeds the pose heads and the SS heads, and L = L_SL + w·L_SS (eq. 1) is minimised.
+
+    --no-ssh (HMTL w/o SSHs): the images are shuffled the same way, but there are no SS heads, so
+    L = L_SL on shuffled images. --stage pretrain: no pose heads, so L = w·L_SS. Task none: SL.
+    """
     model.train()
-    # HMTL and HMTL w/o SSHs feed the shuffled image to every head (DESIGN.md section 1).
-    task = cfg["task"]
     totals, seen, start = torch.zeros(3, device=rt.device), 0, time.perf_counter()
     bar = tqdm(loader, f"epoch {epoch + 1}/{cfg['epochs']}", disable=rt.rank != 0, leave=False, dynamic_ncols=True)
     for step, (images, angles) in enumerate(bar):
-        x, perm, rot = prepare(images, cfg, seeded(cfg["seed"], "train", epoch, step), cfg["batch_size"], rt, task, True)
-        angles = angles.to(rt.device)
+        x, angles, perm, rot, shuffled = prepare(images, angles, cfg, seeded(cfg["seed"], "train", epoch, step),
+                                                 cfg["batch_size"], rt, task=cfg["task"], train=True)
         with rt.autocast():
             pose, ssl = model(x)
         zero = x.new_zeros(())
-        sl = supervised_loss(pose, angles, cfg, rt) if pose is not None else zero
-        ss = ssl_loss(ssl, {"puzzle": perm, "rotation": rot}) if ssl else zero
+        sl = supervised_loss(pose, angles, cfg, rt.centres) if pose is not None else zero
+        ss = ssl_loss(ssl, {"puzzle": perm, "rotation": rot}, shuffled) if ssl else zero
         loss = hmtl_loss(sl, ss, cfg["ssl_weight"])
         finite = torch.isfinite(loss).float()
         if rt.world > 1:
@@ -930,41 +523,44 @@ def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
                         img_s=f"{seen / (time.perf_counter() - start):.0f}")
     if rt.world > 1:
         dist.all_reduce(totals)
-    totals = (totals / max(seen, 1)).tolist()
-    return {"train_loss": totals[0], "train_sl_loss": totals[1], "train_ss_loss": totals[2],
+    loss, sl, ss = (totals / max(seen, 1)).tolist()
+    return {"train_loss": loss, "train_sl_loss": sl, "train_ss_loss": ss,
             "img_per_s": seen / (time.perf_counter() - start)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg, rt, n_total):
-    """MAE per angle on untouched images; SS accuracy per task on shuffled ones (fixed per step,
-    so epochs compare)."""
+def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
+    """MAE per angle on untouched images; SS accuracy per task on shuffled ones (their tiles fixed
+    per step, so epochs compare). Keys: {prefix}_mae_{angle}, {prefix}_mae_mean, {prefix}_acc_{task}."""
     model.eval()
-    names = angle_names(cfg["data"])
-    sums = torch.zeros(len(names) + 2 * len(SSL_TASKS[cfg["task"]]) + 1, dtype=torch.float64, device=rt.device)
+    names, tasks = angle_names(cfg["data"]), SSL_TASKS[cfg["task"]] if not cfg["no_ssh"] else ()
+    abs_error = torch.zeros(len(names), dtype=torch.float64, device=rt.device)
+    right, asked = (torch.zeros(len(tasks), dtype=torch.float64, device=rt.device) for _ in range(2))
+    images_seen = torch.zeros((), dtype=torch.float64, device=rt.device)
     for step, (images, angles) in enumerate(loader):
-        n, gen = min(cfg["batch_size"], n_total - step * cfg["batch_size"]), seeded(cfg["seed"], "val", step)
+        n, gen = min(cfg["batch_size"], n_total - step * cfg["batch_size"]), seeded(cfg["seed"], prefix, step)
         with rt.autocast():
-            pose, ssl = model(prepare(images, cfg, gen, n, rt, "none", False)[0])
+            x, angles, _, _, _ = prepare(images, angles, cfg, gen, n, rt, task="none", train=False)
+            pose, ssl = model(x)
             if ssl:
-                x, perm, rot = prepare(images, cfg, gen, n, rt, cfg["task"], False)
+                x, _, perm, rot, _ = prepare(images, angles, cfg, gen, n, rt, task=cfg["task"], train=False)
                 ssl = model(x)[1]
         if pose is not None:
-            sums[:len(names)] += (predicted_angles(pose, cfg["head"], rt.centres) - angles.to(rt.device)).abs().sum(0)
-        for k, (task, logits) in enumerate(ssl.items()):
+            abs_error += (predicted_angles(pose, cfg["head"], rt.centres) - angles).abs().sum(0)
+        for k, task in enumerate(tasks):
             labels = perm if task == "puzzle" else rot
-            sums[len(names) + 2 * k] += (logits.argmax(-1) == labels).sum()
-            sums[len(names) + 2 * k + 1] += labels.numel()
-        sums[-1] += len(images)
+            right[k] += (ssl[task].argmax(-1) == labels).sum()
+            asked[k] += labels.numel()
+        images_seen += len(images)
     if rt.world > 1:
-        dist.all_reduce(sums)
+        for total in (abs_error, right, asked, images_seen):
+            dist.all_reduce(total)
     metrics = {}
     if model_has_pose(model):
-        metrics = {f"val_mae_{a}": (sums[i] / sums[-1]).item() for i, a in enumerate(names)}
-        metrics["val_mae_mean"] = sum(metrics.values()) / len(names)
-    for k, task in enumerate(SSL_TASKS[cfg["task"]]):
-        if sums[len(names) + 2 * k + 1]:
-            metrics[f"val_acc_{task}"] = (sums[len(names) + 2 * k] / sums[len(names) + 2 * k + 1]).item()
+        metrics = {f"{prefix}_mae_{a}": (abs_error[i] / images_seen).item() for i, a in enumerate(names)}
+        metrics[f"{prefix}_mae_mean"] = sum(metrics.values()) / len(names)
+    for k, task in enumerate(tasks):
+        metrics[f"{prefix}_acc_{task}"] = (right[k] / asked[k]).item()
     return metrics
 
 
@@ -972,10 +568,21 @@ def model_has_pose(model):
     return len(getattr(model, "module", model).pose_heads) > 0
 
 
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 / AMX on x86, BF16 on Arm): where it does
+    not, bf16 is emulated and measured ~10x slower than fp32. HMTL_CPU_BF16=0 or 1 overrides it."""
+    forced = os.environ.get("HMTL_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def runtime(cfg):
     """Device, processes (torchrun sets RANK / WORLD_SIZE), mixed precision and bin centres of a run."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -983,11 +590,12 @@ def runtime(cfg):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if cfg["sync_bn"] and world > 1 and not use_cuda:
         raise SystemExit("--sync-bn needs CUDA: SyncBatchNorm synchronises GPU processes only")
-    if cfg["batch_size"] % world:
-        raise SystemExit(f"--batch-size {cfg['batch_size']} (the global batch) must divide by the {world} processes")
+    if cfg["batch_size"] % world or cfg["batch_size"] // world < 2:
+        raise SystemExit(f"--batch-size {cfg['batch_size']} (the global batch) must split evenly over the {world} "
+                         f"processes, at least 2 images each (BatchNorm)")
     amp = cfg["amp"]
-    if amp == "auto":  # bf16 only where the hardware computes it: on AVX2-only CPUs it is emulated, ~10x slower
-        amp = "bf16" if use_cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "off"
+    if amp == "auto":
+        amp = "bf16" if use_cuda or cpu_has_bf16() else "off"
     if amp == "fp16" and not use_cuda:
         raise SystemExit("--amp fp16 needs a CUDA device; use bf16 or off on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -1008,24 +616,82 @@ def rank0_first(rt, load):
     return result
 
 
+class GlobalBatches(torch.utils.data.Sampler):
+    """One global batch order per epoch, drawn from (seed, epoch); process `rank` of `world` takes
+    samples rank::world of each global batch, so any number of processes sees the same batches."""
+
+    def __init__(self, n, batch, seed, shuffle, drop_last, rank=0, world=1):
+        self.n, self.batch, self.seed, self.shuffle, self.drop_last = n, batch, seed, shuffle, drop_last
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=seeded(self.seed, "order", self.epoch)) if self.shuffle \
+            else torch.arange(self.n)
+        for b in range(len(self)):
+            rows = order[b * self.batch:(b + 1) * self.batch][self.rank::self.world]
+            if len(rows):
+                yield rows.tolist()
+
+
+def seeded(*keys):
+    """A CPU generator determined by its keys (seed, purpose, epoch, step...)."""
+    words = [int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
+
 def data_loader(dataset, batches, cfg, rt):
     """Decoded arrays load fastest in the training process itself; files decode in --workers processes."""
-    workers = 0 if isinstance(dataset, PoseArrays) else cfg["workers"]
+    workers = 0 if is_arrays(dataset) else cfg["workers"]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)
 
 
-def validation_loader(dataset, cfg, rt):
-    """Every validation image once, in order, each process taking its share of every batch."""
+def evaluation_loader(dataset, cfg, rt):
+    """Every image once, in order, each process taking its share of every batch."""
     batches = GlobalBatches(len(dataset), cfg["batch_size"], cfg["seed"], False, False, rt.rank, rt.world)
     return data_loader(dataset, batches, cfg, rt)
 
 
+# ----------------------------------------------------------------------------- checkpoints and run files
+# A run folder holds config.json, metrics.csv, curves.png, last.pt, best.pt (where a checkpoint
+# may be chosen) and summary.json. Every file is written whole or not at all.
+
+RUN_FILES = ("config.json", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json")
+
+
+def write_atomically(path, write):
+    """write(file) into path.tmp, then rename it to path. On failure (a full disk...) the partial file
+    is removed, `path` keeps its previous content, and the error names the path and the cause."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError after it
+        tmp.unlink(missing_ok=True)
+        os_error = e
+        while os_error is not None and not isinstance(os_error, OSError):
+            os_error = os_error.__context__
+        if os_error is None:
+            raise
+        cause = "no space left on device" if os_error.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else os_error.strerror or str(os_error)
+        free = shutil.disk_usage(path.parent).free / 2 ** 20
+        kept = f"{path} keeps its previous content" if path.exists() else f"{path} was not written"
+        raise SystemExit(f"cannot write {path}: {cause} ({free:.0f} MiB free there); {kept}") from None
+
+
 def save_checkpoint(path, state):
-    """Atomic: the file is either the previous checkpoint or the new one, never half of one."""
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path):
@@ -1037,17 +703,47 @@ def load_checkpoint(path):
         raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
 
 
+def checkpoint_state(model, optimizer, scheduler, rt, cfg, history, best_epoch):
+    """Everything a run needs to go on exactly where it stopped."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": rt.scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
+            "epoch": history[-1]["epoch"], "config": cfg, "history": history, "best_epoch": best_epoch}
+
+
+def restore_state(state, model, optimizer, scheduler, rt):
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rt.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
+
+
+def repair_best(out, state):
+    """last.pt is written before best.pt: if a run was stopped between the two, best.pt still holds an
+    older epoch while last.pt names itself the best. Then last.pt is what best.pt must hold."""
+    best = Path(out) / "best.pt"
+    if state.get("best_epoch") == state["epoch"] and \
+            (not best.is_file() or load_checkpoint(best)["epoch"] != state["epoch"]):
+        save_checkpoint(best, state)
+
+
 def write_metrics(out, history, names, baseline):
     """metrics.csv (one row per epoch) and curves.png (training loss and validation MAE per epoch,
     beside the MAE of predicting the training mean)."""
+    import io
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomically(out / "metrics.csv", lambda f: f.write(text.getvalue().encode()))
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
@@ -1055,6 +751,8 @@ def write_metrics(out, history, names, baseline):
     if "val_mae_mean" in history[-1]:
         for name in [f"val_mae_{a}" for a in names] + ["val_mae_mean"]:
             right.plot(epochs, [row[name] for row in history], marker="o", label=name[8:])
+        if "holdout_mae_mean" in history[-1]:
+            right.plot(epochs, [row["holdout_mae_mean"] for row in history], ls=":", marker=".", label="held out")
         right.axhline(baseline, color="grey", ls="--", label="training mean")
         right.set(ylabel="validation MAE (degrees)")
     else:  # SS pre-training: no pose heads
@@ -1064,15 +762,37 @@ def write_metrics(out, history, names, baseline):
     right.set(xlabel="epoch", title=out.name)
     right.legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
+    write_atomically(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
+def selection_score(row, prefix):
+    """What best.pt minimises: the MAE, or for SS pre-training, minus the mean SS accuracy."""
+    if f"{prefix}_mae_mean" in row:
+        return row[f"{prefix}_mae_mean"]
+    return -np.mean([v for k, v in row.items() if k.startswith(f"{prefix}_acc_")])
+
+
+def not_finite(model, row):
+    """What became NaN or infinite: metrics of the row and, as one item, the weights."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        bad.append("the weights")
+    return bad
+
+
+# ----------------------------------------------------------------------------- the training loop
+
 def train(cfg, state=None):
-    """Trains (or continues, from `state`) the run cfg describes, in the folder cfg["out"]."""
+    """Trains (or continues, from `state`) the run cfg describes, in the folder cfg["out"].
+
+    Reported figures come from the final epoch. best.pt is written only where a checkpoint may be
+    chosen: on a held-out part of the training set (--holdout), or on a validation set that is
+    not a test set (synthetic heads); summary.json names the set that chose it.
+    """
     rt = runtime(cfg)
     out, main_process = Path(cfg["out"]), rt.rank == 0
-    last = out / "last.pt"
+    last, best = out / "last.pt", out / "best.pt"
     if state and rt.world > 1:  # each process read last.pt itself; a run still writing it splits them
         epochs = torch.tensor([state["epoch"], -state["epoch"]], device=rt.device)
         dist.all_reduce(epochs, dist.ReduceOp.MAX)
@@ -1081,6 +801,10 @@ def train(cfg, state=None):
             raise SystemExit(f"the processes read {last} at different epochs ({oldest} to {newest}): "
                              f"another run is still writing to {out}; stop it, then --resume again")
     train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
+    holdout = None
+    if cfg["holdout"]:
+        train_set, holdout = split_holdout(train_set, cfg["holdout"], cfg["seed"])
+    chooser = "holdout" if holdout is not None else None if cfg["val_data"] in TEST_SETS else "val"
     names = angle_names(cfg["data"])
     torch.manual_seed(cfg["seed"])  # the weights' initialisation, then dropout
     model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
@@ -1088,71 +812,75 @@ def train(cfg, state=None):
         load_backbone(model, cfg["init"], cfg["arch"])
     if cfg["sync_bn"] and rt.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = AdaBelief(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = AdaBelief(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], rectify=cfg["rectify"])
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["milestones"], gamma=0.1)
-    history, start = [], 0
+    history, best_epoch = [], None
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rt.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], rt.device)
-        history, start = state["history"], state["epoch"]
+        restore_state(state, model, optimizer, scheduler, rt)
+        history, best_epoch = state["history"], state.get("best_epoch")
+        if main_process and chooser:
+            repair_best(out, state)
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
-        print(f"{'resuming' if state else 'starting'} {out} at epoch {start + 1} on {rt.device} "
+        write_atomically(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+        print(f"{'resuming' if state else 'starting'} {out} at epoch {len(history) + 1} on {rt.device} "
               f"({rt.world} process{'es' if rt.world > 1 else ''}, amp {rt.amp})\n"
-              f"{json.dumps(cfg, indent=None)}\n{len(train_set)} training and {len(val_set)} validation images")
+              f"{json.dumps(cfg, indent=None)}\n{len(train_set)} training, "
+              f"{f'{len(holdout)} held-out and ' if holdout is not None else ''}{len(val_set)} validation images")
     trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
     train_batches = GlobalBatches(len(train_set), cfg["batch_size"], cfg["seed"], True, True, rt.rank, rt.world)
     if len(train_batches) == 0:
         raise SystemExit(f"{len(train_set)} training images make no batch of {cfg['batch_size']}")
     loader = data_loader(train_set, train_batches, cfg, rt)
-    val_loader = validation_loader(val_set, cfg, rt)
+    evaluated = [("val", val_set, evaluation_loader(val_set, cfg, rt))]
+    if holdout is not None:
+        evaluated.append(("holdout", holdout, evaluation_loader(holdout, cfg, rt)))
     mean = torch.from_numpy(train_set.angles.mean(0))
     baseline = (torch.from_numpy(val_set.angles) - mean).abs().mean(0)
-    score = (lambda m: m["val_mae_mean"]) if model_has_pose(model) else \
-        (lambda m: -np.mean([v for k, v in m.items() if k.startswith("val_acc_")]))
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in range(len(history), cfg["epochs"]):
         began = time.perf_counter()
         train_batches.set_epoch(epoch)
         kept = f"{last} holds epoch {epoch}" if epoch else "no checkpoint was written yet"
         try:
             stats = train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
+            scheduler.step()
+            for prefix, dataset, evaluation in evaluated:
+                row |= evaluate(trained, evaluation, cfg, rt, len(dataset), prefix)
         except FloatingPointError as e:
-            raise SystemExit(f"{e}: training stopped; the last good checkpoint: {kept}") from None
+            raise SystemExit(f"{e}: training stopped; {kept}") from None
         except KeyboardInterrupt:
             raise SystemExit(f"interrupted in epoch {epoch + 1}: {kept}; continue with --resume") from None
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **stats}
-        scheduler.step()
-        row |= evaluate(trained, val_loader, cfg, rt, len(val_set)) | {"seconds": time.perf_counter() - began}
-        best = not history or score(row) < min(score(r) for r in history)
+        bad = not_finite(model, row)
+        if bad:
+            raise SystemExit(f"epoch {epoch + 1}: {', '.join(bad)} became NaN or infinite (is the learning rate "
+                             f"too high?): training stopped, nothing of this epoch was written; {kept}")
+        row["seconds"] = time.perf_counter() - began
         history.append(row)
+        if chooser and (best_epoch is None or selection_score(row, chooser) <
+                        selection_score(history[best_epoch - 1], chooser)):
+            best_epoch = epoch + 1
         if main_process:
-            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": rt.scaler.state_dict(),
-                          "rng": {"cpu": torch.get_rng_state(),
-                                  "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
-                          "epoch": epoch + 1, "config": cfg, "history": history}
-            save_checkpoint(last, checkpoint)
-            if best:
-                save_checkpoint(out / "best.pt", checkpoint)
+            state = checkpoint_state(model, optimizer, scheduler, rt, cfg, history, best_epoch)
+            save_checkpoint(last, state)
+            if best_epoch == epoch + 1:
+                save_checkpoint(best, state)
             write_metrics(out, history, names, baseline.mean().item())
             print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-    final = history[-1]
-    summary = {k: v for k, v in final.items() if k.startswith(("val_", "train_"))}
+    summary = {k: v for k, v in history[-1].items() if k.startswith(("val_", "holdout_", "train_"))}
     if model_has_pose(model):
         summary |= {f"baseline_mae_{a}": baseline[i].item() for i, a in enumerate(names)}
         summary["baseline_mae_mean"] = baseline.mean().item()
-        best_row = min(history, key=score)
-        summary |= {"best_epoch": best_row["epoch"], "best_val_mae_mean": best_row["val_mae_mean"]}
+    summary["best_pt"] = {"epoch": best_epoch, "chosen_on": {
+        "holdout": f"{len(holdout) if holdout is not None else 0} images held out of the training set "
+                   f"(--holdout {cfg['holdout']})",
+        "val": f"the validation set ({cfg['val_data']}, not a test set)",
+        None: f"not written: the validation set ({cfg['val_data']}) is a test set; --holdout F chooses on "
+              f"a part of the training set"}[chooser]}
     summary |= {"epochs": len(history), "train_images": len(train_set), "val_images": len(val_set),
                 "seconds": sum(r["seconds"] for r in history), "config": cfg}
     if main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomically(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
         if "val_mae_mean" in summary:
             print(f"final val MAE {summary['val_mae_mean']:.2f}° (" +
                   ", ".join(f"{a} {summary['val_mae_' + a]:.2f}" for a in names) +
@@ -1162,19 +890,17 @@ def train(cfg, state=None):
     return summary
 
 
-def evaluate_checkpoint(args):
+def evaluate_checkpoint(args, cfg):
     """--eval-only: a checkpoint's network on its validation set, or on the one the command line names."""
-    state = load_checkpoint(args.checkpoint)
-    cfg = {**state["config"], **given(args, "val_data", "val_root", "aflw2000_reduced", "cache", "workers", "device")}
-    if args.val_data and not args.val_root:
-        cfg["val_root"] = None if args.val_data != cfg["data"] else cfg["data_root"]
+    state = load_checkpoint(args["checkpoint"])
+    cfg = {**state["config"], **cfg}
     rt = runtime(cfg)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model = model.to(rt.device, memory_format=torch.channels_last)
     val_set = rank0_first(rt, lambda: load_split(cfg, False))
-    metrics = evaluate(model, validation_loader(val_set, cfg, rt), cfg, rt, len(val_set))
-    metrics |= {"checkpoint": str(args.checkpoint), "epoch": state["epoch"], "val_data": cfg["val_data"],
+    metrics = evaluate(model, evaluation_loader(val_set, cfg, rt), cfg, rt, len(val_set))
+    metrics |= {"checkpoint": str(args["checkpoint"]), "epoch": state["epoch"], "val_data": cfg["val_data"],
                 "val_images": len(val_set)}
     if rt.rank == 0:
         print(json.dumps(metrics, indent=1))
@@ -1201,57 +927,134 @@ def trained_estimator(path, device):
     cfg = state["config"]
     if cfg["stage"] == "pretrain":
         raise SystemExit(f"{path} is an SS pre-training checkpoint: it has no pose heads")
+    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+        raise SystemExit(f"{path}: its weights hold NaN or infinite values; it cannot predict")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     net = PoseEstimator(model.deployable(), cfg["head"], cfg["bin_width"]).eval()
     return net.to(device, memory_format=torch.channels_last), cfg
 
 
+BOX_COLUMNS = ("path", "x_min", "y_min", "x_max", "y_max")
+
+
+def read_boxes(path):
+    """--boxes CSV (path,x_min,y_min,x_max,y_max): {path or file name: (line, box)}; a bad file or row
+    stops with its name and line."""
+    import io
+    try:
+        reader = csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8")))
+        header = reader.fieldnames
+    except OSError as e:
+        raise SystemExit(f"--boxes {path}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SystemExit(f"--boxes {path}: not a UTF-8 CSV file ({e})") from None
+    if not header or not set(BOX_COLUMNS) <= set(header):
+        raise SystemExit(f"--boxes {path}: needs the columns {','.join(BOX_COLUMNS)}, its header is {header}")
+    boxes = {}
+    try:
+        for row in reader:
+            where = f"--boxes {path} line {reader.line_num}"
+            try:
+                box = tuple(float(row[k]) for k in BOX_COLUMNS[1:])
+            except (TypeError, ValueError):
+                raise SystemExit(f"{where}: x_min, y_min, x_max, y_max must be numbers, got "
+                                 f"{[row.get(k) for k in BOX_COLUMNS[1:]]}") from None
+            if not all(map(math.isfinite, box)) or box[2] <= box[0] or box[3] <= box[1]:
+                raise SystemExit(f"{where}: the box {box} is empty (it needs x_min < x_max and y_min < y_max)")
+            if row["path"] in boxes:
+                raise SystemExit(f"{where}: {row['path']} already has a box on line {boxes[row['path']][0]}")
+            boxes[row["path"]] = (reader.line_num, box)
+    except csv.Error as e:
+        raise SystemExit(f"--boxes {path} line {reader.line_num}: {e}") from None
+    return boxes
+
+
+def unique_name(stem, used):
+    """stem_axes.png, or stem-2_axes.png, ... when two images share a name."""
+    name, k = f"{stem}_axes.png", 1
+    while name in used:
+        k += 1
+        name = f"{stem}-{k}_axes.png"
+    used.add(name)
+    return name
+
+
 def predict(args):
     """--predict: yaw, pitch, roll of face crops, printed, written to predictions.csv, and each image
-    saved with the three axes drawn. --boxes CSV (path,x_min,y_min,x_max,y_max) crops each image first."""
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    net, cfg = trained_estimator(args.checkpoint, device)
+    saved with the three axes drawn. --boxes CSV (path,x_min,y_min,x_max,y_max) crops each image
+    first. Images that cannot be read (or whose box misses them) are skipped, listed at the end, and
+    make the exit status nonzero; predictions.csv always holds every image that succeeded."""
+    device = torch.device("cuda" if args["device"] != "cpu" and torch.cuda.is_available() else "cpu")
+    net, cfg = trained_estimator(args["checkpoint"], device)
     names, size = angle_names(cfg["data"]), cfg["img_size"]
-    files = [f for p in map(Path, args.predict) for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
+    files = [f for p in map(Path, args["predict"]) for f in (sorted(p.rglob("*")) if p.is_dir() else [p])
              if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")]
     if not files:
-        raise SystemExit(f"--predict {' '.join(args.predict)}: no .jpg, .jpeg, .png or .bmp images there")
-    boxes = {}
-    if args.boxes:
-        with open(args.boxes, newline="") as f:
-            for row in csv.DictReader(f):
-                boxes[row["path"]] = tuple(float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
-    out = Path(args.out or "predictions")
+        raise SystemExit(f"--predict {' '.join(args['predict'])}: no .jpg, .jpeg, .png or .bmp images there")
+    boxes = read_boxes(args["boxes"]) if args.get("boxes") else {}
+    out = Path(args.get("out") or "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, failed, matched, drawn_names = [], [], set(), set()
     for start in range(0, len(files), cfg["batch_size"]):
-        batch = [(f, Image.open(f).convert("RGB")) for f in files[start:start + cfg["batch_size"]]]
-        boxed = [boxes.get(str(f), boxes.get(f.name, (0, 0, im.width, im.height))) for f, im in batch]
-        crops = torch.from_numpy(np.stack([square_crop(im, tuple(map(int, b)), size) for (_, im), b in zip(batch, boxed)]))
+        batch = []
+        for path in files[start:start + cfg["batch_size"]]:
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                failed.append((path, f"cannot decode it ({e})"))
+                continue
+            line, box = boxes.get(str(path)) or boxes.get(path.name) or (None, (0, 0, image.width, image.height))
+            matched.add(line)
+            if box[2] <= 0 or box[3] <= 0 or box[0] >= image.width or box[1] >= image.height:
+                failed.append((path, f"its box {box} (--boxes line {line}) lies outside the "
+                                     f"{image.width}x{image.height} image"))
+                continue
+            batch.append((path, image, box))
+        if not batch:
+            continue
+        crops = torch.from_numpy(np.stack([square_crop(im, tuple(map(int, b)), size) for _, im, b in batch]))
         with torch.no_grad():
             angles = net(shuffle_tiles_normalize(crops.to(device), *sample_tiles(len(batch), 1, "none", device=device)))
-        for (path, image), box, pose in zip(batch, boxed, angles.tolist()):
+        if not torch.isfinite(angles).all():
+            raise SystemExit(f"{args['checkpoint']}: the network gives NaN or infinite angles")
+        for (path, image, box), pose in zip(batch, angles.tolist()):
             pose = dict(zip(names, pose))
-            rows.append({"path": str(path), **{a: round(v, 3) for a, v in pose.items()}})
             side = min(box[2] - box[0], box[3] - box[1])
             draw_axes(ImageDraw.Draw(image), pose["yaw"], pose["pitch"], pose.get("roll", 0.0),
                       ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), side / 2)
-            image.save(out / f"{path.stem}_axes.png")
+            drawn = unique_name(path.stem, drawn_names)
+            image.save(out / drawn)
+            rows.append({"path": str(path), **{a: round(v, 3) for a, v in pose.items()}, "drawn": drawn})
             print(f"{path}: " + ", ".join(f"{a} {v:.1f}" for a, v in pose.items()))
-    with open(out / "predictions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["path", *names])
+
+    def write_csv(f):
+        import io
+        text = io.StringIO()
+        writer = csv.DictWriter(text, ["path", *names, "drawn"])
         writer.writeheader()
         writer.writerows(rows)
+        f.write(text.getvalue().encode())
+    write_atomically(out / "predictions.csv", write_csv)
     print(f"{len(rows)} predictions in {out / 'predictions.csv'}, images with axes beside it")
+    unmatched = sorted(line for line, _ in boxes.values() if line not in matched)
+    if unmatched:
+        print(f"--boxes {args['boxes']}: {len(unmatched)} row(s) match no image given to --predict, "
+              f"lines {', '.join(map(str, unmatched))}", file=sys.stderr)
+    if failed:
+        for path, why in failed:
+            print(f"{path}: skipped: {why}", file=sys.stderr)
+        raise SystemExit(f"{len(failed)} of {len(files)} images were skipped (listed above); "
+                         f"{out / 'predictions.csv'} holds the other {len(rows)}")
     return rows
 
 
 def export(args, tolerance=1e-3):
     """--export DIR: the deployable network as torch.export (hmtl.pt2) and ONNX (hmtl.onnx, needs the
     onnx package), each checked to give PyTorch's angles within `tolerance` degrees."""
-    net, cfg = trained_estimator(args.checkpoint, torch.device("cpu"))
-    out = Path(args.export)
+    net, cfg = trained_estimator(args["checkpoint"], torch.device("cpu"))
+    out = Path(args["export"])
     out.mkdir(parents=True, exist_ok=True)
     x = torch.randn(3, 3, cfg["img_size"], cfg["img_size"]).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -1270,7 +1073,7 @@ def export(args, tolerance=1e-3):
     except ImportError as e:
         report["onnx"] = f"skipped: {e.name} is not installed (pip install onnx onnxruntime)"
     for name in ("torch.export", "onnx"):
-        if isinstance(report[name], float) and report[name] > tolerance:
+        if isinstance(report[name], float) and not report[name] <= tolerance:  # NaN fails too
             raise SystemExit(f"{name} gives angles {report[name]:.2g} degrees from PyTorch's (> {tolerance})")
     (out / "export.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
@@ -1310,118 +1113,429 @@ def preview(cfg, path, per_split=12, scale=2):
 # Every value the paper sets is a flag whose default is the paper's; where the paper's runs
 # differ by dataset (300W-LP / AFLW2000 / BIWI vs ETH-XGaze) the default comes from PAPER.
 # With no --data, synthetic heads train under a quick preset (QUICK) sized for a laptop CPU.
-DEFAULTS = dict(data="synthetic", task="none", flag=3, grid=2, stage="train", arch="resnet50", init="random",
-                bin_width=3, alpha=2.0, ssl_dropout=0.2, epochs=110, batch_size=64, lr=1e-3, weight_decay=0.0,
-                img_size=224, amp="auto", seed=0, workers=4, device="auto", train_subjects="1",
-                val_subjects="108,109,111", synthetic_train=20000, synthetic_val=2000)
+DEFAULTS = dict(data="synthetic", task="none", flag=3, grid=2, stage="train", no_ssh=False, ss_fraction=1.0,
+                arch="resnet50", init="random", bin_width=3.0, alpha=2.0, ssl_dropout=0.2, epochs=110,
+                batch_size=64, lr=1e-3, weight_decay=0.0, rectify=True, img_size=224, flip=0.0, amp="auto",
+                sync_bn=False, seed=0, workers=4, device="auto", data_root=None, val_data=None, val_root=None,
+                aflw2000_reduced=False, crop="hopenet", holdout=0.0, train_subjects="1", val_subjects="108,109,111",
+                cache=None, synthetic_train=20000, synthetic_val=2000, out=None)
 PAPER = {"300wlp": dict(head="catreg", dropout=0.5, ssl_weight=50.0, milestones=[20, 100], aug="1"),
          "ethxgaze": dict(head="reg", dropout=0.4, ssl_weight=1.0, milestones=[30, 40], aug="eth41")}
 QUICK = dict(arch="resnet18", img_size=64, epochs=6, milestones=[5], synthetic_train=4000, synthetic_val=500,
              workers=2)
 VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2000", "ethxgaze": "ethxgaze",
               "biwi": "biwi"}
+# What --resume may change (the run's length, where it runs, where its data now lies), and what
+# --eval-only may (which set it evaluates, and how it is read).
+RESUMABLE = {"epochs", "workers", "device", "cache", "data_root", "val_root"}
+EVALUATION = {"val_data", "val_root", "aflw2000_reduced", "crop", "cache", "workers", "device", "batch_size"}
+PROG = "hmtl.py"
+
+
+class UsageError(SystemExit):
+    """A bad flag or flag combination: exit status 2 (argparse's) and one line, printed by main()."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def bounded(kind, low=None, high=None, *, above=None, below=None):
+    """An argparse type: a number of `kind` in the interval the bounds give (low/high inclusive,
+    above/below exclusive)."""
+    lower = f"≥ {low}" if low is not None else f"> {above}" if above is not None else None
+    upper = f"≤ {high}" if high is not None else f"< {below}" if below is not None else None
+    what = f"{'an integer' if kind is int else 'a number'} {' and '.join(b for b in (lower, upper) if b)}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+                and (above is None or value > above) and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def subject_list(text):
+    """ETH-XGaze subjects: a count k, or a comma list '0,3,5' (one subject: '5,')."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts or not all(p.strip().isdigit() for p in parts) or ("," not in text and int(text) < 1):
+        raise argparse.ArgumentTypeError(f"must be a count k ≥ 1 or subject numbers like 0,3,5; got {text!r}")
+    return text
+
+
+def shown(key):
+    """A flag's default as --help shows it, read from the presets."""
+    def text(v):
+        return " ".join(map(str, v)) if isinstance(v, list) else {True: "on", False: "off", None: "none"}.get(v, v) \
+            if not isinstance(v, (int, float)) or isinstance(v, bool) else f"{v:g}"
+    parts = [f"300W-LP/AFLW2000/BIWI {text(PAPER['300wlp'][key])}, ETH-XGaze {text(PAPER['ethxgaze'][key])}"] \
+        if key in PAPER["300wlp"] else [text(DEFAULTS[key])]
+    if key in QUICK:
+        parts.append(f"quick preset {text(QUICK[key])}")
+    return f" (default: {'; '.join(parts)})"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS)  # only the flags given appear: the rest come from the presets
+
+    def add(group, flag, help, **kw):
+        key = flag[2:].replace("-", "_")
+        group.add_argument(flag, help=help + (shown(key) if key in DEFAULTS or key in PAPER["300wlp"] else ""), **kw)
+
     g = p.add_argument_group("method")
-    g.add_argument("--task", choices=TASKS, help="SS task: none = SL (default none)")
-    g.add_argument("--flag", type=int, choices=(1, 2, 3, 4), help="flag point: the SS branch reads stage k (3)")
-    g.add_argument("--grid", type=int, help="g x g tiles (2)")
-    g.add_argument("--no-ssh", action="store_true", help="HMTL w/o SSHs: shuffled inputs, no SS heads or loss")
-    g.add_argument("--stage", choices=("train", "pretrain"), help="pretrain: SS heads alone, at the backbone's end")
-    g.add_argument("--ssl-weight", type=float, help="w of eq. 1 (50 for 300W-LP runs, 1 for ETH-XGaze)")
-    g.add_argument("--arch", choices=("resnet18", "resnet34", "resnet50"), help="backbone (resnet50)")
-    g.add_argument("--init", help="random, imagenet, or a checkpoint / torchvision state dict PATH (random)")
-    g.add_argument("--head", choices=("catreg", "reg"), help="pose heads (catreg for 300W-LP, reg for ETH-XGaze)")
-    g.add_argument("--bin-width", type=float, help="catreg bin width in degrees: 3 or 1 (3)")
-    g.add_argument("--alpha", type=float, help="catreg's RMSE weight (2)")
-    g.add_argument("--dropout", type=float, help="before each pose head (0.5 for 300W-LP, 0.4 for ETH-XGaze)")
-    g.add_argument("--ssl-dropout", type=float, help="in each SS branch (0.2)")
+    add(g, "--task", "SS task; none = SL", choices=TASKS)
+    add(g, "--flag", "flag point: the SS branch reads the output of stage k", type=int, choices=(1, 2, 3, 4))
+    add(g, "--grid", "g x g tiles", type=bounded(int, 1))
+    add(g, "--no-ssh", "HMTL w/o SSHs: shuffled inputs, no SS heads or loss", action="store_true")
+    add(g, "--stage", "pretrain: the SS heads alone, at the backbone's end", choices=("train", "pretrain"))
+    add(g, "--ssl-weight", "w of eq. 1", type=bounded(float, 0))
+    add(g, "--ss-fraction", "shuffle only this fraction of each training batch (drawn per image); "
+        "the SS loss averages over those", type=bounded(float, above=0, high=1))
+    add(g, "--arch", "backbone", choices=("resnet18", "resnet34", "resnet50"))
+    add(g, "--init", "random, imagenet (torchvision's IMAGENET1K_V1), imagenet-v2 (IMAGENET1K_V2), or a "
+        "checkpoint / torchvision state dict PATH")
+    add(g, "--head", "pose heads", choices=("catreg", "reg"))
+    add(g, "--bin-width", "catreg bin width in degrees (3 or 1)", type=bounded(float, above=0))
+    add(g, "--alpha", "catreg's RMSE weight", type=bounded(float, 0))
+    add(g, "--dropout", "before each pose head", type=bounded(float, 0, below=1))
+    add(g, "--ssl-dropout", "in each SS branch", type=bounded(float, 0, below=1))
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="110 (quick preset: 6)")
-    g.add_argument("--milestones", type=int, nargs="+", help="epochs where lr drops x0.1 (20 100; ETH-XGaze 30 40)")
-    g.add_argument("--batch-size", type=int, help="the global batch, over all processes (64)")
-    g.add_argument("--lr", type=float, help="AdaBelief learning rate (1e-3)")
-    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
-    g.add_argument("--img-size", type=int, help="input side in pixels (224; quick preset: 64)")
-    g.add_argument("--aug", choices=tuple(AUGMENTATIONS), help="augmentation: 0, 1, 2, eth41, eth52")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (auto: bf16 on CUDA and on CPUs with bf16 units, else off)")
-    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
-    g.add_argument("--seed", type=int, help="(0)")
-    g.add_argument("--workers", type=int, help="data-loading processes (4; quick preset: 2)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="(auto)")
+    add(g, "--epochs", "", type=bounded(int, 1))
+    add(g, "--milestones", "epochs after which the learning rate drops x0.1", type=bounded(int, 1), nargs="+")
+    add(g, "--batch-size", "the global batch, over all processes", type=bounded(int, 2))
+    add(g, "--lr", "AdaBelief's learning rate", type=bounded(float, above=0))
+    add(g, "--weight-decay", "decoupled weight decay", type=bounded(float, 0))
+    add(g, "--rectify", "AdaBelief's rectification, on as in the official package", action=argparse.BooleanOptionalAction)
+    add(g, "--img-size", "input side in pixels", type=bounded(int, 16))
+    add(g, "--aug", "augmentation: 0, 1, 2, eth41, eth52", choices=tuple(AUGMENTATIONS))
+    add(g, "--flip", "probability of HopeNet's horizontal flip (yaw and roll negated)", type=bounded(float, 0, 1))
+    add(g, "--amp", "mixed precision; auto: bf16 on CUDA and on CPUs with bf16 units, else off",
+        choices=("auto", "bf16", "fp16", "off"))
+    add(g, "--sync-bn", "SyncBatchNorm across processes (torchrun, GPUs)", action="store_true")
+    add(g, "--seed", "", type=bounded(int, 0, 2 ** 63 - 1))
+    add(g, "--workers", "data-loading processes", type=bounded(int, 0))
+    add(g, "--device", "", choices=("auto", "cpu", "cuda"))
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, help="training set (synthetic)")
-    g.add_argument("--data-root", help="its folder (for biwi: the .npz)")
-    g.add_argument("--val-data", choices=DATASETS, help="validation set (synthetic / aflw2000 / ethxgaze / biwi)")
-    g.add_argument("--val-root", help="its folder; ETH-XGaze: defaults to --data-root")
-    g.add_argument("--aflw2000-reduced", action="store_true", help="AFLW2000: only the faces within ±99°")
-    g.add_argument("--train-subjects", help="ETH-XGaze: a count k or a list '0,3,5' (1)")
-    g.add_argument("--val-subjects", help="ETH-XGaze (108,109,111)")
-    g.add_argument("--cache", help="decode every crop once into a memory-mapped cache in this folder")
-    g.add_argument("--synthetic-train", type=int, help="synthetic training images (20000; quick preset: 4000)")
-    g.add_argument("--synthetic-val", type=int, help="synthetic validation images (2000; quick preset: 500)")
+    add(g, "--data", "training set", choices=DATASETS)
+    add(g, "--data-root", "its folder (for biwi: the .npz)")
+    add(g, "--val-data", "validation set (none: the training set's test set)", choices=DATASETS)
+    add(g, "--val-root", "its folder; defaults to --data-root when it is the training set's dataset")
+    add(g, "--aflw2000-reduced", "AFLW2000: only the faces within ±99° (the 1969 protocol)",
+        action=argparse.BooleanOptionalAction)
+    add(g, "--crop", "AFLW2000 / 300W-LP face boxes: hopenet (the published code's, -1 landmarks "
+        "included) or visible (visible landmarks only)", choices=CROP_PROTOCOLS)
+    add(g, "--holdout", "hold out this fraction of the training set to choose best.pt on", type=bounded(float, above=0, below=1))
+    add(g, "--train-subjects", "ETH-XGaze: a count k or a list 0,3,5", type=subject_list)
+    add(g, "--val-subjects", "ETH-XGaze", type=subject_list)
+    add(g, "--cache", "decode every crop once into a memory-mapped cache in this folder")
+    add(g, "--synthetic-train", "synthetic training images", type=bounded(int, 1))
+    add(g, "--synthetic-val", "synthetic validation images", type=bounded(int, 1))
     g = p.add_argument_group("runs")
-    g.add_argument("--out", help="run folder (runs/<data>-<task>-flag<k>-grid<g>-seed<s>); --predict: its output (predictions)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the validation set")
-    g.add_argument("--checkpoint", help="a checkpoint (.pt) for --eval-only, --predict or --export")
-    g.add_argument("--preview", metavar="PNG", help="save a grid of training and validation crops with their pose axes")
+    add(g, "--out", "run folder (runs/<data>-<task>-flag<k>-grid<g>-seed<s>); --predict: its output (predictions)")
+    add(g, "--resume", "continue the run in --out from its last checkpoint", action="store_true")
+    add(g, "--overwrite", "replace the finished or unfinished run in --out", action="store_true")
+    add(g, "--eval-only", "evaluate --checkpoint on its validation set, or on --val-data", action="store_true")
+    add(g, "--checkpoint", "a checkpoint (.pt) for --eval-only, --predict or --export")
+    add(g, "--preview", "save a grid of training and validation crops with their pose axes", metavar="PNG")
     g = p.add_argument_group("use a trained model (with --checkpoint)")
-    g.add_argument("--predict", nargs="+", metavar="PATH", help="images or folders of face crops")
-    g.add_argument("--boxes", help="CSV path,x_min,y_min,x_max,y_max: a face box per image to --predict")
-    g.add_argument("--export", metavar="DIR", help="write the deployable network as torch.export and ONNX")
+    add(g, "--predict", "images or folders of face crops", nargs="+", metavar="PATH")
+    add(g, "--boxes", "CSV path,x_min,y_min,x_max,y_max: a face box per image to --predict")
+    add(g, "--export", "write the deployable network as torch.export and ONNX", metavar="DIR")
     return p
 
 
-def resolve_config(args):
-    """Command line -> the full config: every flag left out takes its default or the paper's."""
-    cfg = {k: v for k, v in vars(args).items()}
-    preset = {**DEFAULTS, **PAPER["ethxgaze" if (cfg["data"] or "") == "ethxgaze" else "300wlp"],
-              **(QUICK if (cfg["data"] or "synthetic") == "synthetic" else {})}
-    for key, value in preset.items():
-        if cfg.get(key) is None:
-            cfg[key] = value
+def preset(data):
+    """Every setting's default for a training set: DEFAULTS, the paper's for its family, QUICK for synthetic."""
+    return {**DEFAULTS, **PAPER["ethxgaze" if data == "ethxgaze" else "300wlp"],
+            **(QUICK if data == "synthetic" else {})}
+
+
+def resolve_config(given):
+    """The flags given -> the full config of a run: every flag left out takes its preset, then the
+    combinations are checked (UsageError, exit status 2)."""
+    cfg = {**preset(given.get("data", DEFAULTS["data"])),
+           **{k: v for k, v in given.items() if k in DEFAULTS or k in PAPER["300wlp"]}}
     cfg["val_data"] = cfg["val_data"] or VALIDATION[cfg["data"]]
     if cfg["val_root"] is None and cfg["val_data"] == cfg["data"]:
         cfg["val_root"] = cfg["data_root"]
     cfg["out"] = cfg["out"] or f"runs/{cfg['data']}-{cfg['task']}-flag{cfg['flag']}-grid{cfg['grid']}-seed{cfg['seed']}"
-    if cfg["grid"] < 1 or cfg["img_size"] // cfg["grid"] < 4:
-        raise SystemExit(f"--grid {cfg['grid']} cannot tile a {cfg['img_size']} px image: tiles need 4 px or more")
-    if cfg["stage"] == "pretrain" and cfg["task"] == "none":
-        raise SystemExit("--stage pretrain needs an SS --task (puzzle, rotation or puzzle_rotation)")
-    if cfg["no_ssh"] and cfg["task"] == "none":
-        raise SystemExit("--no-ssh needs a --task: it is HMTL on shuffled inputs without the SS heads")
-    if cfg["head"] == "catreg" and (198 / cfg["bin_width"]) % 1:
-        raise SystemExit(f"--bin-width {cfg['bin_width']} does not divide the 198° span of the bins")
+    ss = cfg["task"] != "none"
+    problems = [
+        (cfg["img_size"] // cfg["grid"] < 4, f"--grid {cfg['grid']} cannot tile a {cfg['img_size']} px image: "
+                                             f"tiles need 4 px or more"),
+        (cfg["grid"] < 2 and "puzzle" in cfg["task"], f"--task {cfg['task']} needs --grid 2 or more"),
+        (cfg["stage"] == "pretrain" and not ss, "--stage pretrain needs an SS --task (puzzle, rotation or puzzle_rotation)"),
+        (cfg["no_ssh"] and not ss, "--no-ssh needs a --task: it is HMTL on shuffled inputs without the SS heads"),
+        (cfg["ss_fraction"] < 1 and not ss, "--ss-fraction needs an SS --task"),
+        (cfg["head"] == "catreg" and abs(198 / cfg["bin_width"] - round(198 / cfg["bin_width"])) > 1e-9,
+         f"--bin-width {cfg['bin_width']:g} does not divide the 198° span of the bins"),
+        (cfg["data"] == "synthetic" and round(cfg["synthetic_train"] * (1 - cfg["holdout"])) < cfg["batch_size"],
+         f"--synthetic-train {cfg['synthetic_train']} (less --holdout) makes no batch of {cfg['batch_size']}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+    if cfg["init"] in IMAGENET_WEIGHTS:
+        try:
+            imagenet_weights(cfg["init"], cfg["arch"])
+        except SystemExit as e:
+            raise UsageError(str(e)) from None
     return cfg
 
 
-def given(args, *keys):
-    """The flags among `keys` that the command line set."""
-    return {k: getattr(args, k) for k in keys if getattr(args, k) not in (None, False)}
+def checkpoint_config(state):
+    """A checkpoint's config, settings it predates taking their defaults."""
+    return {**preset(state["config"]["data"]), **state["config"]}
+
+
+def refuse_changes(given, cfg, allowed, why):
+    """UsageError naming every flag given whose value differs from the run's own (cfg) and may not."""
+    changed = [f"--{k.replace('_', '-')} {given[k]} (the run has {cfg.get(k)})" for k in given
+               if k in DEFAULTS or k in PAPER["300wlp"] if k not in allowed | {"out"} and given[k] != cfg.get(k)]
+    if changed:
+        raise UsageError(f"{why}: {', '.join(changed)}; leave {'it' if len(changed) == 1 else 'them'} out")
+
+
+def start_folder(cfg, overwrite):
+    """A new run's folder: refused while it holds another run's files, unless --overwrite removes them."""
+    out = Path(cfg["out"])
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if found and not overwrite:
+        raise SystemExit(f"{out} already holds a run ({', '.join(found)}): add --resume to continue it, "
+                         f"--overwrite to replace it, or pick another --out")
+    for f in found:
+        (out / f).unlink()
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    for use, run in (("eval_only", evaluate_checkpoint), ("predict", predict), ("export", export)):
-        if getattr(args, use):
-            if not args.checkpoint:
-                raise SystemExit(f"--{use.replace('_', '-')} needs --checkpoint PATH")
-            return run(args)
-    cfg = resolve_config(args)
-    if cfg["preview"]:
-        return preview(cfg, cfg["preview"])
-    last = Path(cfg["out"]) / "last.pt"
-    if not args.resume:
-        if last.exists():
-            raise SystemExit(f"{cfg['out']} already holds a run: add --resume to continue it, or pick another --out")
+    """The command line (--help lists the flags); returns what the action returned."""
+    try:
+        return run_command(vars(get_args_parser().parse_args(argv)))
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise
+    except DataError as e:
+        raise SystemExit(e.brief) from None
+
+
+def run_command(given):
+    actions = [a for a in ("eval_only", "predict", "export", "preview", "resume") if a in given]
+    if len(actions) > 1:
+        raise UsageError(f"--{actions[0].replace('_', '-')} and --{actions[1].replace('_', '-')} do not go together")
+    if "resume" in given and "overwrite" in given:
+        raise UsageError("--resume continues a run and --overwrite replaces it: choose one")
+    if actions and actions[0] in ("eval_only", "predict", "export"):
+        action = actions[0]
+        if "checkpoint" not in given:
+            raise UsageError(f"--{action.replace('_', '-')} needs --checkpoint PATH")
+        if action == "eval_only":
+            state = load_checkpoint(given["checkpoint"])
+            cfg = checkpoint_config(state)
+            refuse_changes(given, cfg, EVALUATION, "--eval-only evaluates the run as it was trained")
+            overrides = {k: v for k, v in given.items() if k in EVALUATION}
+            if "val_data" in given and "val_root" not in given:
+                overrides["val_root"] = cfg["data_root"] if given["val_data"] == cfg["data"] else None
+            return evaluate_checkpoint(given, overrides)
+        return {"predict": predict, "export": export}[action]({"device": "auto", **given})
+    cfg = resolve_config(given)
+    if "preview" in given:
+        return preview(cfg, given["preview"])
+    if "resume" not in given:
+        start_folder(cfg, "overwrite" in given)
         return train(cfg)
-    state = load_checkpoint(last)  # the run goes on as it began; only its length, workers and device may change
-    return train({**state["config"], **given(args, "epochs", "workers", "device"), "resume": True,
-                  "out": cfg["out"]}, state)  # the folder may have moved since
+    state = load_checkpoint(Path(cfg["out"]) / "last.pt")
+    run_cfg = checkpoint_config(state)
+    refuse_changes(given, run_cfg, RESUMABLE, f"--resume continues {cfg['out']} as it began")
+    return train({**run_cfg, **{k: v for k, v in given.items() if k in RESUMABLE}, "out": cfg["out"]}, state)
+
+
+# ----------------------------------------------------------------------------- the tile op's plumbing
+# The PyTorch reference of the tile op (the tests hold the C++/CUDA kernels to it, and it runs
+# when the extension is not built), the argument checks it shares with them, and the
+# registrations that let torch.compile trace the C++ operators and autograd differentiate them.
+def _use_extension(backend, x):
+    if backend not in ("auto", "ext", "torch"):
+        raise ValueError(f"unknown tile-op backend {backend!r}: choose auto, ext or torch")
+    if backend == "ext" and tiles_ext is None:
+        raise RuntimeError("the tile-op extension is not built: run `pip install --no-build-isolation -e .`")
+    if backend == "auto" and (tiles_ext is None or (x.is_cuda and not tiles_ext.with_cuda)):
+        _warn_reference_backend()
+        return False
+    return backend != "torch"
+
+
+@functools.cache
+def _warn_reference_backend():
+    warnings.warn("hmtl: the tile-op extension is not built for this device; using the slower PyTorch "
+                  "reference (build it with `pip install --no-build-isolation -e .`)", stacklevel=3)
+
+
+def _tile_grid(op, n, h, w, perm, rot, device):
+    """(g, t) after the checks of csrc/tiles.cpp, raising the same errors."""
+    if perm.dim() != 2:
+        raise ValueError(f"{op}: perm must be N x g^2, got shape {list(perm.shape)}")
+    if rot.shape != perm.shape:
+        raise ValueError(f"{op}: rot must have perm's shape {list(perm.shape)}, got {list(rot.shape)}")
+    if perm.shape[0] != n:
+        raise ValueError(f"{op}: perm has {perm.shape[0]} rows for {n} images")
+    if perm.dtype != torch.long or rot.dtype != torch.long:
+        raise TypeError(f"{op}: perm and rot must be int64, got {perm.dtype} and {rot.dtype}")
+    if perm.device != device or rot.device != device:
+        raise ValueError(f"{op}: x, perm and rot must be on one device, got {device}, {perm.device} and {rot.device}")
+    g2 = perm.shape[1]
+    g = math.isqrt(g2)
+    if g2 == 0 or g * g != g2:
+        raise ValueError(f"{op}: perm has {g2} columns, which is not a square g^2")
+    if g > min(h, w):
+        raise ValueError(f"{op}: a {g}x{g} grid does not fit a {h}x{w} image (tiles would be empty)")
+    bad = (perm.sort(1).values != torch.arange(g2, device=device)).any(1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{op}: perm row {i} is not a permutation of 0..{g2 - 1}: {perm[i].tolist()}")
+    bad = (rot < 0) | (rot > 3)
+    if bad.any():
+        i, j = bad.nonzero()[0].tolist()
+        raise ValueError(f"{op}: rot[{i}, {j}] = {int(rot[i, j])} is outside 0..3")
+    return g, min(h, w) // g
+
+
+def _check_dtype(op, what, dtype, allowed):
+    if dtype not in allowed:
+        names = [str(a).replace("torch.", "") for a in allowed]
+        names = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"{op}: {what} must be {names}, got {dtype}")
+
+
+SCALAR_NAMES = {torch.uint8: "Byte", torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float",
+                torch.float64: "Double"}  # as c10 spells them in the extension's messages
+
+
+def _check_out(op, out, shape, dtype, x):
+    """The checks csrc/tiles.cpp makes of an out= tensor, raising the same errors."""
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: out must have shape {list(shape)}, got {list(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{op}: out must be {SCALAR_NAMES.get(dtype, dtype)}, got {SCALAR_NAMES.get(out.dtype, out.dtype)}")
+    if out.device != x.device:
+        raise ValueError(f"{op}: out must be on {x.device}, got {out.device}")
+    if _overlap(out, x):
+        raise RuntimeError("unsupported operation: some elements of the input tensor and the written-to tensor refer "
+                           "to a single memory location. Please clone() the tensor before performing the operation.")
+
+
+def _overlap(a, b):
+    """ATen's at::assert_no_overlap test: dense tensors of one storage whose byte ranges meet."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if not (_dense(a) and _dense(b)):
+        return False  # ATen gives up ("too hard") and lets it through
+    ends = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in (a, b)]
+    return ends[0][0] < ends[1][1] and ends[1][0] < ends[0][1]
+
+
+def _dense(t):
+    """Non-overlapping and dense, as ATen decides it: in stride order, each stride is the span below it."""
+    span = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
+def _refuse_autograd_out(op, x, out):
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        raise RuntimeError(f"{op}: out= does not support automatic differentiation (an argument requires grad); "
+                           f"call it without out=")
+
+
+def _shuffle_tiles_reference(x, perm, rot, out=None):
+    if x.dim() != 4:
+        raise ValueError(f"shuffle_tiles: x must be N x C x H x W, got shape {list(x.shape)}")
+    _check_dtype("shuffle_tiles", "x", x.dtype, (torch.uint8, torch.float16, torch.bfloat16, torch.float32))
+    n, c, h, w = x.shape
+    g, t = _tile_grid("shuffle_tiles", n, h, w, perm, rot, x.device)
+    if out is not None:
+        _check_out("shuffle_tiles", out, x.shape, x.dtype, x)
+    s = g * t
+    tiles = x[:, :, :s, :s].unflatten(2, (g, t)).unflatten(4, (g, t)).permute(0, 2, 4, 1, 3, 5)
+    moved = tiles.reshape(n, g * g, c, t, t)[torch.arange(n, device=x.device)[:, None], perm]
+    for k in (1, 2, 3):
+        moved[rot == k] = torch.rot90(moved[rot == k], k, dims=(-2, -1))
+    out = torch.empty_like(x) if out is None else out
+    out.copy_(x)
+    out[:, :, :s, :s] = moved.unflatten(1, (g, g)).permute(0, 3, 1, 4, 2, 5).reshape(n, c, s, s)
+    return out
+
+
+def normalize_affine(mean, std, device=None):
+    """float32 (scale, shift) with (x / 255 - mean) / std == x·scale + shift, as the kernels use."""
+    scale = torch.tensor([1.0 / (255.0 * float(s)) for s in std], dtype=torch.float32, device=device)
+    shift = torch.tensor([-float(m) / float(s) for m, s in zip(mean, std)], dtype=torch.float32, device=device)
+    return scale, shift
+
+
+def _shuffle_tiles_normalize_reference(x, perm, rot, mean, std, dtype, channels_last, out=None):
+    op = "shuffle_tiles_normalize"
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be N x H x W x C, got shape {list(x.shape)}")
+    _check_dtype(op, "x", x.dtype, (torch.uint8,))
+    dtype = dtype if out is None else out.dtype
+    _check_dtype(op, "the output dtype", dtype, (torch.float32, torch.bfloat16, torch.float16))
+    if len(mean) != x.shape[3] or len(std) != x.shape[3]:
+        raise ValueError(f"{op}: mean and std need one value per channel ({x.shape[3]}), got {len(mean)} and {len(std)}")
+    if not all(s > 0 and math.isfinite(s) for s in std) or not all(math.isfinite(m) for m in mean):
+        raise ValueError(f"{op}: need finite mean and std > 0, got mean {list(mean)} and std {list(std)}")
+    scale, shift = normalize_affine(mean, std, x.device)
+    y = _shuffle_tiles_reference(x.permute(0, 3, 1, 2), perm, rot)
+    if out is not None:
+        _check_out(op, out, y.shape, out.dtype, x)
+    y = (y.float() * scale[:, None, None] + shift[:, None, None]).to(dtype)
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+if tiles_ext is not None:
+    # Shapes for torch.compile / FakeTensor tracing of the C++ operators: the functional ops are
+    # composite (they allocate and call the _out ops), so the _out ops' fakes serve both.
+    def _fake_tile_args(x, perm, rot, h, w):
+        torch._check(perm.dim() == 2 and rot.shape == perm.shape, lambda: "perm and rot must be N x g^2")
+        torch._check(perm.shape[0] == x.shape[0], lambda: "perm needs one row per image")
+        g = math.isqrt(perm.shape[1])
+        torch._check(g * g == perm.shape[1] and 0 < g <= min(h, w), lambda: "bad tile grid")
+
+    @torch.library.register_fake("hmtl::shuffle_tiles_out")
+    def _(x, perm, rot, out, check=True):
+        _fake_tile_args(x, perm, rot, x.shape[2], x.shape[3])
+
+    @torch.library.register_fake("hmtl::shuffle_tiles_normalize_out")
+    def _(x, perm, rot, mean, std, out, check=True):
+        _fake_tile_args(x, perm, rot, x.shape[1], x.shape[2])
+
+    # The gradient of a shuffle is the inverse shuffle of the gradient. (The fused op's input is
+    # uint8, which has no gradient.)
+    def _save_tiles(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    def _unshuffle_gradient(ctx, grad):
+        perm, rot = ctx.saved_tensors
+        return torch.ops.hmtl.shuffle_tiles(grad, *invert_tiles(perm, rot), False), None, None, None
+
+    torch.library.register_autograd("hmtl::shuffle_tiles", _unshuffle_gradient, setup_context=_save_tiles)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ setup(
     name="hmtl",
     version="0.1.0",
     description="Hybrid Multi-Task Learning for fine-grained head pose estimation (reference implementation)",
-    py_modules=["hmtl"],
+    py_modules=["hmtl", "hmtl_data"],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",

@@ -35,7 +35,7 @@ static std::string row_text(const int64_t* row, int64_t len) {
 }
 
 Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at::Tensor& perm,
-                       const at::Tensor& rot, const at::Device& device) {
+                       const at::Tensor& rot, const at::Device& device, bool values) {
   TORCH_CHECK_VALUE(perm.dim() == 2, op, ": perm must be N x g^2, got shape ", perm.sizes());
   TORCH_CHECK_VALUE(rot.sizes() == perm.sizes(), op, ": rot must have perm's shape ", perm.sizes(),
                     ", got ", rot.sizes());
@@ -51,6 +51,7 @@ Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at
   TORCH_CHECK_VALUE(g <= std::min(h, w), op, ": a ", g, "x", g, " grid does not fit a ", h, "x", w,
                     " image (tiles would be empty)");
 
+  if (!values) return {g, std::min(h, w) / g};
   // Values are checked on the host: a bad row must never reach a kernel.
   const auto p = perm.to(at::kCPU).contiguous(), r = rot.to(at::kCPU).contiguous();
   const int64_t* P = p.const_data_ptr<int64_t>();
@@ -420,10 +421,14 @@ static void shuffle_normalize_cpu(const at::Tensor& x, const at::Tensor& perm, c
 }
 
 // ---------------------------------------------------------------------------- operators
-// Each op comes as a functional form and an in-place `_out` form that writes into a
-// preallocated `out` and returns nothing (the form torch.library can functionalize).
+// Each op has an in-place `_out` form that writes into a preallocated `out` and returns
+// nothing (the form torch.library can functionalize), with one kernel per device, and a
+// functional form registered once for every device: it allocates `out` and calls the `_out`
+// form through the dispatcher. `check` = false lets a GPU skip the host check of perm and rot
+// (a synchronisation); the CPU, where it costs nothing, always checks.
 
-void shuffle_tiles_out_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, at::Tensor out) {
+void shuffle_tiles_out_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, const at::Tensor& out,
+                           bool /*check*/) {
   const char* op = "shuffle_tiles";
   check_image(op, x);
   const Grid grid = check_tile_params(op, x.size(0), x.size(2), x.size(3), perm, rot, x.device());
@@ -435,21 +440,9 @@ void shuffle_tiles_out_cpu(const at::Tensor& x, const at::Tensor& perm, const at
   }
 }
 
-at::Tensor shuffle_tiles_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot) {
-  check_image("shuffle_tiles", x);
-  at::Tensor out = at::empty_like(x);
-  shuffle_tiles_out_cpu(x, perm, rot, out);
-  return out;
-}
-
-at::Tensor empty_normalized(const at::Tensor& x, at::ScalarType dtype, bool channels_last) {
-  check_normalize_input("shuffle_tiles_normalize", x, dtype);
-  return at::empty({x.size(0), x.size(3), x.size(1), x.size(2)}, x.options().dtype(dtype),
-                   channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
 void shuffle_tiles_normalize_out_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
-                                     at::ArrayRef<double> mean, at::ArrayRef<double> std, at::Tensor out) {
+                                     at::ArrayRef<double> mean, at::ArrayRef<double> std, const at::Tensor& out,
+                                     bool /*check*/) {
   const char* op = "shuffle_tiles_normalize";
   check_normalize_input(op, x, out.scalar_type());
   const Grid grid = check_tile_params(op, x.size(0), x.size(1), x.size(2), perm, rot, x.device());
@@ -463,29 +456,49 @@ void shuffle_tiles_normalize_out_cpu(const at::Tensor& x, const at::Tensor& perm
   });
 }
 
-at::Tensor shuffle_tiles_normalize_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
-                                       at::ArrayRef<double> mean, at::ArrayRef<double> std, at::ScalarType dtype,
-                                       bool channels_last) {
-  at::Tensor out = empty_normalized(x, dtype, channels_last);
-  shuffle_tiles_normalize_out_cpu(x, perm, rot, mean, std, out);
+static at::Tensor shuffle_tiles(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, bool check) {
+  check_image("shuffle_tiles", x);
+  at::Tensor out = at::empty_like(x);
+  static const auto out_op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("hmtl::shuffle_tiles_out", "")
+                                 .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, bool)>();
+  out_op.call(x, perm, rot, out, check);
+  return out;
+}
+
+static at::Tensor shuffle_tiles_normalize(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
+                                          at::ArrayRef<double> mean, at::ArrayRef<double> std,
+                                          at::ScalarType dtype, bool channels_last, bool check) {
+  check_normalize_input("shuffle_tiles_normalize", x, dtype);
+  at::Tensor out = at::empty({x.size(0), x.size(3), x.size(1), x.size(2)}, x.options().dtype(dtype),
+                             channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  static const auto out_op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("hmtl::shuffle_tiles_normalize_out", "")
+                                 .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             at::ArrayRef<double>, at::ArrayRef<double>, const at::Tensor&, bool)>();
+  out_op.call(x, perm, rot, mean, std, out, check);
   return out;
 }
 
 TORCH_LIBRARY(hmtl, m) {
-  m.def("shuffle_tiles(Tensor x, Tensor perm, Tensor rot) -> Tensor");
-  m.def("shuffle_tiles_out(Tensor x, Tensor perm, Tensor rot, Tensor(a!) out) -> ()");
+  m.def("shuffle_tiles(Tensor x, Tensor perm, Tensor rot, bool check=True) -> Tensor");
+  m.def("shuffle_tiles_out(Tensor x, Tensor perm, Tensor rot, Tensor(a!) out, bool check=True) -> ()");
   m.def(
       "shuffle_tiles_normalize(Tensor x, Tensor perm, Tensor rot, float[] mean, float[] std, "
-      "ScalarType dtype, bool channels_last) -> Tensor");
+      "ScalarType dtype, bool channels_last, bool check=True) -> Tensor");
   m.def(
       "shuffle_tiles_normalize_out(Tensor x, Tensor perm, Tensor rot, float[] mean, float[] std, "
-      "Tensor(a!) out) -> ()");
+      "Tensor(a!) out, bool check=True) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hmtl, CompositeExplicitAutograd, m) {
+  m.impl("shuffle_tiles", &shuffle_tiles);
+  m.impl("shuffle_tiles_normalize", &shuffle_tiles_normalize);
 }
 
 TORCH_LIBRARY_IMPL(hmtl, CPU, m) {
-  m.impl("shuffle_tiles", &shuffle_tiles_cpu);
   m.impl("shuffle_tiles_out", &shuffle_tiles_out_cpu);
-  m.impl("shuffle_tiles_normalize", &shuffle_tiles_normalize_cpu);
   m.impl("shuffle_tiles_normalize_out", &shuffle_tiles_normalize_out_cpu);
 }
 

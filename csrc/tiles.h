@@ -51,10 +51,11 @@ C10_HOST_DEVICE inline int64_t tile_offset(int64_t q, Grid grid, Strides xs) {
 }
 
 // Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes,
-// dtypes, devices, that each perm row is a permutation and each rot lies in 0..3.
-// Raises ValueError / TypeError naming the problem; returns the grid.
+// dtypes, devices and, where `values`, that each perm row is a permutation and each rot lies
+// in 0..3 (on the host: for a GPU tensor, a synchronisation). Raises ValueError / TypeError
+// naming the problem; returns the grid.
 Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at::Tensor& perm,
-                       const at::Tensor& rot, const at::Device& device);
+                       const at::Tensor& rot, const at::Device& device, bool values = true);
 
 // Checks the image batch of shuffle_tiles: N x C x H x W, uint8 / float16 / bfloat16 / float32.
 void check_image(const char* op, const at::Tensor& x);
@@ -74,8 +75,5 @@ Affine make_affine(const char* op, int64_t channels, at::ArrayRef<double> mean, 
 
 // Checks the fused op's input (uint8 N x H x W x C) and requested output dtype.
 void check_normalize_input(const char* op, const at::Tensor& x, at::ScalarType dtype);
-
-// The fused op's output buffer: N x C x H x W, contiguous or channels_last.
-at::Tensor empty_normalized(const at::Tensor& x, at::ScalarType dtype, bool channels_last);
 
 }  // namespace hmtl

@@ -1,5 +1,6 @@
-// CUDA kernels of hmtl's tile op: one thread per output pixel, any memory format.
-// Checks and semantics are shared with the CPU kernels (tiles.h, tiles.cpp).
+// CUDA kernels of hmtl's tile op, any memory format: a grid-stride loop over output pixels,
+// each thread moving one pixel's channels. Checks and semantics are shared with the CPU
+// kernels (tiles.h, tiles.cpp); the functional ops (registered once, in tiles.cpp) call these.
 #include "tiles.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -18,8 +19,9 @@ __device__ __forceinline__ int64_t source_pixel(int64_t img, int64_t i, int64_t 
   const int64_t span = grid.g * grid.t;
   if (i >= span || j >= span) return i * xs.h + j * xs.w;
   const int64_t g2 = grid.g * grid.g, p = (i / grid.t) * grid.g + j / grid.t;
-  const int64_t q = perm[img * g2 + p];
-  const Line line = source_line(rot[img * g2 + p], i % grid.t, grid.t, xs.h, xs.w);
+  const int64_t q = perm[img * g2 + p], k = rot[img * g2 + p];
+  CUDA_KERNEL_ASSERT(q >= 0 && q < g2 && k >= 0 && k <= 3);  // check=false: never read out of bounds
+  const Line line = source_line(k, i % grid.t, grid.t, xs.h, xs.w);
   return tile_offset(q, grid, xs) + line.start + (j % grid.t) * line.step;
 }
 
@@ -53,18 +55,29 @@ __global__ void shuffle_normalize_kernel(const uint8_t* __restrict__ x, T* __res
   }
 }
 
+// check=false: perm rows and rot values are checked on the device, without a synchronisation:
+// a bad value stops the program with a device-side assert at the next synchronisation point.
+static void check_values_async(const at::Tensor& perm, const at::Tensor& rot) {
+  const auto ordered = std::get<0>(perm.sort(1));
+  const auto identity = at::arange(perm.size(1), perm.options()).expand_as(perm);
+  at::_assert_async(ordered.eq(identity).all().logical_and(rot.ge(0).all()).logical_and(rot.le(3).all()),
+                    "hmtl tile op: a perm row is not a permutation of 0..g^2-1, or a rot value lies outside 0..3");
+}
+
 static unsigned int blocks_for(int64_t pixels, int threads) {
   return static_cast<unsigned int>(std::min<int64_t>((pixels + threads - 1) / threads, 1 << 16));
 }
 
-void shuffle_tiles_out_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, at::Tensor out) {
+void shuffle_tiles_out_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, const at::Tensor& out,
+                            bool check) {
   const char* op = "shuffle_tiles";
   check_image(op, x);
-  const Grid grid = check_tile_params(op, x.size(0), x.size(2), x.size(3), perm, rot, x.device());
+  const Grid grid = check_tile_params(op, x.size(0), x.size(2), x.size(3), perm, rot, x.device(), check);
   check_out(op, out, x.sizes(), x.scalar_type(), x);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (!check) check_values_async(perm, rot);
   const auto p = perm.contiguous(), r = rot.contiguous();
   const int threads = 256;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -83,23 +96,18 @@ void shuffle_tiles_out_cuda(const at::Tensor& x, const at::Tensor& perm, const a
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor shuffle_tiles_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot) {
-  check_image("shuffle_tiles", x);
-  at::Tensor out = at::empty_like(x);
-  shuffle_tiles_out_cuda(x, perm, rot, out);
-  return out;
-}
-
 void shuffle_tiles_normalize_out_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
-                                      at::ArrayRef<double> mean, at::ArrayRef<double> std, at::Tensor out) {
+                                      at::ArrayRef<double> mean, at::ArrayRef<double> std, const at::Tensor& out,
+                                      bool check) {
   const char* op = "shuffle_tiles_normalize";
   check_normalize_input(op, x, out.scalar_type());
-  const Grid grid = check_tile_params(op, x.size(0), x.size(1), x.size(2), perm, rot, x.device());
+  const Grid grid = check_tile_params(op, x.size(0), x.size(1), x.size(2), perm, rot, x.device(), check);
   check_out(op, out, {x.size(0), x.size(3), x.size(1), x.size(2)}, out.scalar_type(), x);
   const Affine a = make_affine(op, x.size(3), mean, std);
   const int64_t n = x.size(0), h = x.size(1), w = x.size(2), c = x.size(3);
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (!check) check_values_async(perm, rot);
   const auto p = perm.contiguous(), r = rot.contiguous();
   const int threads = 256;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "shuffle_tiles_normalize", [&] {
@@ -111,18 +119,8 @@ void shuffle_tiles_normalize_out_cuda(const at::Tensor& x, const at::Tensor& per
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor shuffle_tiles_normalize_cuda(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot,
-                                        at::ArrayRef<double> mean, at::ArrayRef<double> std, at::ScalarType dtype,
-                                        bool channels_last) {
-  at::Tensor out = empty_normalized(x, dtype, channels_last);
-  shuffle_tiles_normalize_out_cuda(x, perm, rot, mean, std, out);
-  return out;
-}
-
 TORCH_LIBRARY_IMPL(hmtl, CUDA, m) {
-  m.impl("shuffle_tiles", &shuffle_tiles_cuda);
   m.impl("shuffle_tiles_out", &shuffle_tiles_out_cuda);
-  m.impl("shuffle_tiles_normalize", &shuffle_tiles_normalize_cuda);
   m.impl("shuffle_tiles_normalize_out", &shuffle_tiles_normalize_out_cuda);
 }
 

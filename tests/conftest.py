@@ -4,7 +4,11 @@ from pathlib import Path
 
 import pytest
 
+import hmtl
+
 REPO = Path(__file__).resolve().parent.parent
+# The real AFLW2000 sample lies beside the repository in the project's workspace; tests that need
+# it skip where it is absent.
 AFLW_SAMPLE = REPO.parent / "shared" / "data" / "aflw2000-sample"
 
 
@@ -13,6 +17,16 @@ def tiny_args(tmp_path, *extra, out="run"):
     return ["--arch", "resnet18", "--img-size", "32", "--batch-size", "32", "--synthetic-train", "192",
             "--synthetic-val", "64", "--epochs", "2", "--milestones", "100", "--workers", "0", "--device", "cpu",
             "--cache", str(tmp_path.parent / "cache"), "--out", str(tmp_path / out), *extra]
+
+
+def config(*flags):
+    """The full config hmtl.py resolves from these flags."""
+    return hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(list(flags))))
+
+
+def expected_amp():
+    """What --amp auto picks on this CPU, as the code decides it (the tests may force either way)."""
+    return "bf16" if hmtl.cpu_has_bf16() else "off"
 
 
 @pytest.fixture

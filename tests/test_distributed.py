@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hmtl
-from conftest import REPO, tiny_args
+from conftest import REPO, expected_amp, tiny_args
 
 # One thread per process, so two processes fit the machine; dropout off, so that what differs
 # between 1 and 2 processes is only what data parallelism itself changes (see TOLERANCE).
@@ -111,7 +111,7 @@ def test_only_process_zero_writes_and_reports(runs):
     tmp, output, _ = runs
     assert sorted(p.name for p in (tmp / "two").iterdir()) == \
         ["best.pt", "config.json", "curves.png", "last.pt", "metrics.csv", "summary.json"]
-    assert output.count("final val MAE") == 1 and output.count("(2 processes, amp off)") == 1
+    assert output.count("final val MAE") == 1 and output.count(f"(2 processes, amp {expected_amp()})") == 1
     state = torch.load(tmp / "two" / "last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])  # the plain network, loadable anywhere
 
@@ -130,7 +130,7 @@ def test_processes_that_read_different_checkpoints_stop_before_training(runs, tm
     script.write_text(f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\nimport hmtl\n"
                       "state = hmtl.load_checkpoint(sys.argv[1])\n"
                       "state['epoch'] -= int(os.environ['RANK'])\n"
-                      "hmtl.train({**state['config'], 'out': sys.argv[2]}, state)\n")
+                      "hmtl.train({**hmtl.checkpoint_config(state), 'out': sys.argv[2]}, state)\n")
     proc = torchrun([str(tmp / "two" / "last.pt"), str(tmp_path / "apart")], script=script)
     output = proc.communicate()[0]
     assert proc.returncode != 0 and "at different epochs (2 to 3)" in output, output
@@ -143,14 +143,16 @@ def test_processes_split_every_global_batch_and_its_random_numbers_exactly():
     for batch, (a, b) in zip(whole, zip(*ranks)):
         assert a == batch[0::2] and b == batch[1::2]
     images = torch.randint(0, 256, (16, 24, 24, 3), dtype=torch.uint8)
-    cfg = {"aug": "2", "grid": 3}
+    angles = torch.randn(16, 3) * 30
+    cfg = {"aug": "2", "grid": 3, "flip": 0.5, "ss_fraction": 0.5, "data": "synthetic"}
     rt = lambda rows: hmtl.argparse.Namespace(device=torch.device("cpu"), rows=rows)
-    full = hmtl.prepare(images, cfg, hmtl.seeded(0, "train", 0, 0), 16, rt(slice(None)), "puzzle_rotation", True)
+    full = hmtl.prepare(images, angles, cfg, hmtl.seeded(0, "train", 0, 0), 16, rt(slice(None)),
+                        task="puzzle_rotation", train=True)
     for r in (0, 1):
-        part = hmtl.prepare(images[r::2], cfg, hmtl.seeded(0, "train", 0, 0), 16, rt(slice(r, None, 2)),
-                            "puzzle_rotation", True)
+        part = hmtl.prepare(images[r::2], angles[r::2], cfg, hmtl.seeded(0, "train", 0, 0), 16, rt(slice(r, None, 2)),
+                            task="puzzle_rotation", train=True)
         for got, want in zip(part, full):
-            assert torch.equal(got, want[r::2])  # the same augmentation and tiles for every sample
+            assert torch.equal(got, want[r::2])  # the same augmentation, flips and tiles for every sample
 
 
 def test_sync_batchnorm_is_refused_on_the_cpu_with_a_clear_error(tmp_path):

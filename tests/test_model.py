@@ -96,9 +96,9 @@ def test_reg_ssl_and_total_losses_by_hand():
     assert hmtl.hmtl_loss(torch.tensor(2.0), torch.tensor(0.5), 50.0).item() == 27.0
 
 
-def test_adabelief_follows_its_update_rule_by_hand():
+def test_adabelief_without_rectification_follows_its_update_rule_by_hand():
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
-    opt = hmtl.AdaBelief([theta], lr=0.1, betas=(0.9, 0.999), eps=1e-16)
+    opt = hmtl.AdaBelief([theta], lr=0.1, betas=(0.9, 0.999), eps=1e-16, rectify=False)
     b1, b2, eps, lr = 0.9, 0.999, 1e-16, 0.1
     m, s, want = [0.0, 0.0], [0.0, 0.0], [1.0, -2.0]
     for t, g in enumerate(([0.5, -1.0], [-0.2, 0.3], [0.4, 0.4]), start=1):
@@ -114,12 +114,65 @@ def test_adabelief_follows_its_update_rule_by_hand():
     assert opt.state[theta]["step"] == 3
 
 
+def test_rectified_adabelief_by_hand_on_a_toy_problem():
+    """f(θ) = θ²/2 from θ = 1 (gradient θ), with β2 = 0.9 so that the rectification starts within a few
+    steps: ρ_∞ = 2/(1 - 0.9) - 1 = 19 and ρ_t = 19 - 2t·0.9^t/(1 - 0.9^t) = 1, 1.95, 2.86, 3.74, 4.58 for
+    t = 1..5 (< 5: SGD with momentum, the package's degenerated_to_sgd), then 5.39, 6.17, 6.91
+    (≥ 5: rectified adaptive steps)."""
+    lr, b1, b2, eps = 0.1, 0.9, 0.9, 1e-16
+    theta = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = hmtl.AdaBelief([theta], lr=lr, betas=(b1, b2), eps=eps)
+    rho_inf = 2 / (1 - b2) - 1
+    m = s = 0.0
+    x = 1.0
+    for t in range(1, 9):
+        rho = rho_inf - 2 * t * b2 ** t / (1 - b2 ** t)
+        assert hmtl.AdaBelief.rectification(t, b2)[0] == pytest.approx(rho)
+        g = x
+        theta.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        m = b1 * m + (1 - b1) * g
+        s = b2 * s + (1 - b2) * (g - m) ** 2 + eps
+        if rho < 5:
+            assert t <= 5
+            x -= lr * m / (1 - b1 ** t)
+        else:
+            r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            x -= lr * r * (m / (1 - b1 ** t)) * math.sqrt(1 - b2 ** t) / (math.sqrt(s) + eps)
+        assert theta.item() == pytest.approx(x, rel=1e-12), t
+    # step 1 by hand: m = 0.1, an SGD step of lr·m/(1 - β1) = 0.1
+    rectified = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = hmtl.AdaBelief([rectified], lr=lr, betas=(b1, b2))
+    rectified.grad = torch.tensor([1.0], dtype=torch.float64)
+    opt.step()
+    assert rectified.item() == pytest.approx(0.9, rel=1e-12)
+
+
+def test_rectification_is_a_warm_up_over_thousands_of_steps():
+    """With the paper's β2 = 0.999: no adaptive step before ρ_t reaches 5, then r_t rises towards 1."""
+    r = {t: hmtl.AdaBelief.rectification(t, 0.999)[1] for t in (1, 4, 5, 6, 100, 1000, 3000, 20000)}
+    assert r[1] is None and r[4] is None and r[5] is None and r[6] is not None
+    assert r[6] < 0.05 and r[100] < 0.25 < r[1000] < r[3000] < r[20000] < 1
+    assert r[1000] == pytest.approx(0.65, abs=0.01) and r[3000] == pytest.approx(0.92, abs=0.01)
+
+
 def test_adabelief_weight_decay_is_decoupled():
     theta = torch.nn.Parameter(torch.tensor([2.0]))
-    opt = hmtl.AdaBelief([theta], lr=0.1, weight_decay=0.5)
+    opt = hmtl.AdaBelief([theta], lr=0.1, weight_decay=0.5, rectify=False)
     theta.grad = torch.tensor([1.0])
     opt.step()
     assert theta.item() == pytest.approx(2.0 * (1 - 0.05) - 0.1 / 0.9, rel=1e-6)
+
+
+def test_ss_loss_averages_over_the_shuffled_images_only():
+    labels = {"puzzle": torch.tensor([[1, 0], [0, 1], [1, 0]])}
+    logits = {"puzzle": torch.zeros(3, 2, 2)}
+    logits["puzzle"][0] = torch.tensor([[0.0, 5.0], [5.0, 0.0]])  # image 0: sure and right
+    right = 2 * math.log(1 + math.exp(-5))
+    assert hmtl.ssl_loss(logits, labels).item() == pytest.approx((right + 2 * 2 * math.log(2)) / 3, rel=1e-6)
+    shuffled = torch.tensor([True, False, True])
+    assert hmtl.ssl_loss(logits, labels, shuffled).item() == pytest.approx((right + 2 * math.log(2)) / 2, rel=1e-6)
+    assert hmtl.ssl_loss(logits, labels, torch.zeros(3, dtype=torch.bool)).item() == 0
 
 
 def test_prepare_labels_the_tiles_it_moved():
@@ -127,10 +180,11 @@ def test_prepare_labels_the_tiles_it_moved():
     g, t = 2, 8
     tile_ids = torch.arange(4, dtype=torch.uint8).view(2, 2).repeat_interleave(t, 0).repeat_interleave(t, 1) * 60
     images = tile_ids[None, :, :, None].expand(5, 16, 16, 3).contiguous()
-    cfg = {"aug": "0", "grid": g}
+    cfg = {"aug": "0", "grid": g, "flip": 0.0, "ss_fraction": 1.0, "data": "synthetic"}
     rt = hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None))
-    x, perm, rot = hmtl.prepare(images, cfg, torch.Generator().manual_seed(0), 5, rt, "puzzle", True)
-    assert x.shape == (5, 3, 16, 16) and not rot.any()
+    x, _, perm, rot, shuffled = hmtl.prepare(images, torch.zeros(5, 3), cfg, torch.Generator().manual_seed(0), 5, rt,
+                                             task="puzzle", train=True)
+    assert x.shape == (5, 3, 16, 16) and not rot.any() and shuffled is None
     scale, shift = hmtl.normalize_affine(hmtl.IMAGENET_MEAN, hmtl.IMAGENET_STD)
     value = ((x[:, 0] - shift[0]) / scale[0]).round()
     for n in range(5):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy.io import loadmat
 
-import hmtl
+import hmtl_data
 
 
 def geometry(right_eye, left_eye, nose):
@@ -25,7 +25,7 @@ def aflw_faces(folder):
 
 
 def rendered(yaw, pitch, roll):
-    _, marks, _ = hmtl.render_head(yaw, pitch, roll, 96, np.random.default_rng(0))
+    _, marks, _ = hmtl_data.render_head(yaw, pitch, roll, 96, np.random.default_rng(0))
     return geometry(marks["right_eye"], marks["left_eye"], marks["nose_tip"])
 
 
@@ -50,37 +50,37 @@ def test_renderer_puts_nose_and_eyes_where_real_aflw2000_faces_have_them(aflw_sa
 
 @pytest.mark.parametrize("yaw,pitch,roll", [(0, 0, 0), (45, 10, -20), (-60, -30, 30), (20, 50, 5)])
 def test_landmarks_sit_on_the_rendered_parts(yaw, pitch, roll):
-    image, marks, material = hmtl.render_head(yaw, pitch, roll, 96, np.random.default_rng(3))
+    image, marks, material = hmtl_data.render_head(yaw, pitch, roll, 96, np.random.default_rng(3))
     assert image.shape == (96, 96, 3) and image.dtype == np.uint8
     for name, part in (("nose_tip", "nose"), ("right_eye", "iris"), ("left_eye", "iris")):
         x, y = np.round(marks[name]).astype(int)
         if name == "left_eye" and yaw < -30 or name == "right_eye" and yaw > 30:
             continue  # the far eye is hidden by the head
-        assert hmtl.MATERIALS.index(part) in material[y - 1:y + 2, x - 1:x + 2], name
+        assert hmtl_data.MATERIALS.index(part) in material[y - 1:y + 2, x - 1:x + 2], name
 
 
 def test_pose_matrix_is_a_rotation_with_hopenets_axes():
     for angles in [(0, 0, 0), (30, 0, 0), (0, 30, 0), (0, 0, 30), (-70, 40, -25)]:
-        r = hmtl.pose_matrix(*angles)
+        r = hmtl_data.pose_matrix(*angles)
         assert np.allclose(r @ r.T, np.eye(3)) and np.isclose(np.linalg.det(r), 1)
     # yaw > 0: the facing (z) axis points to the image left; pitch > 0: up; roll > 0: x axis goes down
-    assert hmtl.pose_matrix(30, 0, 0)[0, 2] < 0 and hmtl.pose_matrix(0, 30, 0)[1, 2] < 0
-    assert hmtl.pose_matrix(0, 0, 30)[1, 0] > 0
+    assert hmtl_data.pose_matrix(30, 0, 0)[0, 2] < 0 and hmtl_data.pose_matrix(0, 30, 0)[1, 2] < 0
+    assert hmtl_data.pose_matrix(0, 0, 30)[1, 0] > 0
 
 
 def test_synthetic_heads_are_deterministic_and_cached(tmp_path):
-    a = hmtl.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=1)
-    again = hmtl.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=1)
+    a = hmtl_data.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=1)
+    again = hmtl_data.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=1)
     folder = next(tmp_path.glob("synthetic-train-40-32px-seed5"))
     built = (folder / "images.npy").stat().st_mtime_ns
     assert np.array_equal(a.images, again.images) and np.array_equal(a.angles, again.angles)
-    hmtl.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=2)
+    hmtl_data.synthetic_heads(40, 32, seed=5, split=0, folder=tmp_path, workers=2)
     assert (folder / "images.npy").stat().st_mtime_ns == built, "a matching cache is reused, not rebuilt"
-    other = hmtl.synthetic_heads(40, 32, seed=6, split=0, folder=tmp_path, workers=1)
-    val = hmtl.synthetic_heads(40, 32, seed=5, split=1, folder=tmp_path, workers=1)
+    other = hmtl_data.synthetic_heads(40, 32, seed=6, split=0, folder=tmp_path, workers=1)
+    val = hmtl_data.synthetic_heads(40, 32, seed=5, split=1, folder=tmp_path, workers=1)
     assert not np.array_equal(other.angles, a.angles) and not np.array_equal(val.angles, a.angles)
     yaw, pitch, roll = a.angles.T
     assert abs(yaw).max() <= 90 and abs(pitch).max() <= 60 and abs(roll).max() <= 60
     image, angles = a[7]
-    assert image.shape == (32, 32, 3) and angles.tolist() == pytest.approx(list(hmtl.synthetic_pose(5, 0, 7)[1:]))
+    assert image.shape == (32, 32, 3) and angles.tolist() == pytest.approx(list(hmtl_data.synthetic_pose(5, 0, 7)[1:]))
     assert not (tmp_path / "synthetic-train-40-32px-seed5.partial").exists()

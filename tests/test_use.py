@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 from scipy.io import loadmat
 
 import hmtl
+import hmtl_data
 from conftest import tiny_args
 
 
@@ -16,7 +17,7 @@ from conftest import tiny_args
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     hmtl.main(tiny_args(folder, "--task", "puzzle", "--epochs", "1"))
-    return folder / "run" / "best.pt"
+    return folder / "run" / "last.pt"
 
 
 def facing_side(yaw, pitch, roll, size=200):
@@ -50,13 +51,16 @@ def test_predict_writes_a_csv_and_images_with_axes(checkpoint, aflw_sample, tmp_
     assert len(rows) == 5 + 100
     with open(tmp_path / "out" / "predictions.csv") as f:
         written = list(csv.DictReader(f))
-    assert [r["path"] for r in written] == [r["path"] for r in rows] and set(written[0]) == {"path", "yaw", "pitch", "roll"}
+    assert [r["path"] for r in written] == [r["path"] for r in rows]
+    assert set(written[0]) == {"path", "yaw", "pitch", "roll", "drawn"}
+    assert len({r["drawn"] for r in written}) == 105  # the 5 images given twice are drawn twice, apart
+    assert all((tmp_path / "out" / r["drawn"]).is_file() for r in written)
     assert all(-99 <= float(r[a]) <= 99 for r in written for a in ("yaw", "pitch", "roll"))
-    drawn = np.asarray(Image.open(tmp_path / "out" / f"{images[0].stem}_axes.png"))
+    drawn = np.asarray(Image.open(tmp_path / "out" / written[0]["drawn"]))
     assert (drawn[225, 200] == (0, 0, 255)).all()  # the axes start at the box's centre
     # the same crop predicted directly gives the same angles
     net, cfg = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
-    crop = hmtl.square_crop(Image.open(images[1]).convert("RGB"), (0, 0, 450, 450), cfg["img_size"])
+    crop = hmtl_data.square_crop(Image.open(images[1]).convert("RGB"), (0, 0, 450, 450), cfg["img_size"])
     x = hmtl.shuffle_tiles_normalize(torch.from_numpy(crop.copy())[None], *hmtl.sample_tiles(1, 1, "none"))
     direct = net(x)[0].tolist()
     assert [float(rows[1][a]) for a in ("yaw", "pitch", "roll")] == pytest.approx(direct, abs=1e-3)
@@ -88,3 +92,61 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     net, _ = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
     x = torch.randn(7, 3, 32, 32)
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], net(x).detach().numpy(), atol=1e-3)
+
+
+def test_predict_skips_bad_images_writes_the_rest_and_exits_nonzero(checkpoint, aflw_sample, tmp_path):
+    folder = tmp_path / "faces"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    good = sorted(aflw_sample.glob("*.jpg"))[:3]
+    for sub in ("a", "b"):
+        for image in good:
+            (folder / sub / image.name).write_bytes(image.read_bytes())
+    (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"path,x_min,y_min,x_max,y_max\n{folder / 'b' / good[0].name},900,900,990,990\n"
+                     "nowhere.jpg,1,1,5,5\n")
+    with pytest.raises(SystemExit, match="2 of 7 images were skipped .listed above.; .*predictions.csv holds the other 5"):
+        hmtl.main(["--predict", str(folder), "--checkpoint", str(checkpoint), "--boxes", str(boxes),
+                   "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 5 and not any("broken" in r["path"] for r in written)
+    drawn = sorted(r["drawn"] for r in written)
+    assert len(set(drawn)) == 5 and f"{good[1].stem}-2_axes.png" in drawn  # a/x.jpg and b/x.jpg both kept
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == drawn
+
+
+@pytest.mark.parametrize("text,message", [
+    ("path,x_min,y_min\nface.png,1,2\n", "needs the columns path,x_min,y_min,x_max,y_max, its header is"),
+    ("", "needs the columns"),
+    ("path,x_min,y_min,x_max,y_max\nface.png,1,2,three,4\n", "line 2: x_min, y_min, x_max, y_max must be numbers"),
+    ("path,x_min,y_min,x_max,y_max\nface.png,1,2,30\n", "line 2: x_min, y_min, x_max, y_max must be numbers"),
+    ("path,x_min,y_min,x_max,y_max\nface.png,10,2,5,40\n", "line 2: the box .* is empty"),
+    ("path,x_min,y_min,x_max,y_max\nface.png,1,2,30,40\nother.png,0,0,9,9\nface.png,1,1,8,8\n",
+     "line 4: face.png already has a box on line 2"),
+    ("path,x_min,y_min,x_max,y_max\nface.png,1,2,nan,40\n", "line 2: the box .* is empty"),
+])
+def test_malformed_box_files_name_the_file_and_line(checkpoint, tmp_path, text, message):
+    Image.new("RGB", (40, 40)).save(tmp_path / "face.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(text)
+    with pytest.raises(SystemExit, match=f"--boxes {boxes}.*{message}"):
+        hmtl.main(["--predict", str(tmp_path / "face.png"), "--checkpoint", str(checkpoint), "--boxes", str(boxes),
+                   "--out", str(tmp_path / "out")])
+
+
+def test_a_box_file_that_is_not_text_is_refused(checkpoint, tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "face.png")
+    (tmp_path / "boxes.csv").write_bytes(b"\xff\xfe\x00path")
+    with pytest.raises(SystemExit, match="boxes.csv: not a UTF-8 CSV file"):
+        hmtl.main(["--predict", str(tmp_path / "face.png"), "--checkpoint", str(checkpoint), "--boxes",
+                   str(tmp_path / "boxes.csv")])
+
+
+def test_unmatched_box_rows_are_reported(checkpoint, tmp_path, capsys):
+    Image.new("RGB", (40, 40)).save(tmp_path / "face.png")
+    (tmp_path / "boxes.csv").write_text("path,x_min,y_min,x_max,y_max\nface.png,0,0,40,40\nghost.png,0,0,9,9\n")
+    rows = hmtl.main(["--predict", str(tmp_path / "face.png"), "--checkpoint", str(checkpoint), "--boxes",
+                      str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "out")])
+    assert len(rows) == 1 and "1 row(s) match no image given to --predict, lines 3" in capsys.readouterr().err

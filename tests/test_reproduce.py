@@ -1,0 +1,69 @@
+"""reproduce.py: the paper's figures it quotes, its runs, and the real-face benchmark end to end."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import hmtl
+import reproduce
+from conftest import REPO
+from test_datasets import fake_biwi
+
+
+def test_every_figure_the_paper_gives_is_quoted_and_consistent():
+    """Each quoted mean is the mean of the quoted angles, as the paper computes it (to its rounding):
+    a typo in any figure breaks that."""
+    t1 = {label: v for (table, label), v in reproduce.PAPER.items() if table == "Table 1"}
+    assert len(t1) == 13 and set(t1) == {label for label, _ in reproduce.configurations(True, {})["Table 1"]}
+    for (table, label), (yaw, pitch, roll, mean) in reproduce.PAPER.items():
+        angles = [a for a in (yaw, pitch, roll) if a is not None]
+        assert mean == pytest.approx(np.mean(angles), abs=0.0015), (table, label)
+    for k, (yaw, pitch) in enumerate(reproduce.PAPER_SUBJECTS_ANGLES["HMTL 2x2 puzzle w/o SSHs"]):
+        assert reproduce.PAPER_SUBJECTS["HMTL 2x2 puzzle w/o SSHs"][k] == pytest.approx((yaw + pitch) / 2, abs=0.0015)
+    assert reproduce.PAPER[("Table 1", "HMTL puzzle-rotation 2x2, flag 2")] == \
+        reproduce.PAPER[("Table 1", "HMTL puzzle-rotation 2x2, flag 4")]  # as the paper prints them
+
+
+def test_the_full_aflw2000_column_evaluates_the_final_model_on_all_faces(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hmtl, "main", lambda argv: calls.append(argv) or {"val_mae_mean": 1.0})
+    reproduce.evaluate_on(tmp_path, "eval_aflw2000_full", ["--no-aflw2000-reduced"])
+    assert calls == [["--eval-only", "--checkpoint", str(tmp_path / "last.pt"), "--no-aflw2000-reduced"]]
+    assert json.loads((tmp_path / "eval_aflw2000_full.json").read_text()) == {"val_mae_mean": 1.0}
+
+
+def test_a_run_made_with_other_settings_is_run_again(tmp_path, monkeypatch):
+    flags = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "16", "--synthetic-train", "32",
+             "--synthetic-val", "16", "--epochs", "1", "--workers", "0", "--cache", str(tmp_path / "cache")]
+    first = reproduce.run(flags, tmp_path / "run")
+    assert reproduce.run(flags, tmp_path / "run") == first  # finished and matching: reused
+    monkeypatch.setitem(hmtl.DEFAULTS, "flip", 0.5)  # a default changes under the finished run
+    again = reproduce.run(flags, tmp_path / "run")
+    assert again["config"]["flip"] == 0.5 and first["config"]["flip"] == 0.0
+
+
+def test_the_real_face_benchmark_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    for split, seed in (("train", 0), ("test", 1)):
+        fake_biwi(tmp_path / f"BIWI_{split}.npz", n=40, seed=seed, size=40)
+    tiny = ["--data", "biwi", "--arch", "resnet18", "--epochs", "1", "--milestones", "10", "--workers", "0",
+            "--batch-size", "16"]
+    monkeypatch.setattr(reproduce, "REAL", tiny)
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--real", str(tmp_path), "--seeds", "2", "--runs",
+                                      str(tmp_path / "runs"), "--out", str(tmp_path / "results")])
+    reproduce.main()
+    table = (tmp_path / "results" / "biwi.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2:5] != "---" and "Row" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["SL", "HMTL 2x2 puzzle, flag 3, w = 50", "HMTL 2x2 puzzle w/o SSHs"]
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/seed*/summary.json"))]
+    assert len(summaries) == 6 and {s["val_images"] for s in summaries} == {40}
+    sl = [s["val_mae_mean"] for s in summaries if s["config"]["task"] == "none"]
+    assert f"**{np.mean(sl):.2f} ± {np.std(sl):.2f}**" in rows[0]
+    assert (tmp_path / "results" / "biwi.png").stat().st_size > 10_000 and table in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no BIWI_devtrain.npz there; make it with tools/biwi_to_npz.py"):
+        monkeypatch.setattr(sys, "argv", ["reproduce.py", "--real", str(tmp_path), "--dev"])
+        reproduce.main()
+
+
+def test_run_all_passes_its_arguments_to_reproduce():
+    assert 'exec python reproduce.py "$@"' in (REPO / "run_all.sh").read_text()
