@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Reproduces every table and figure of the paper (DESIGN.md section 2): results/tables.md and
+# Reproduces every table and figure of the paper (docs/method.md, section 7): results/tables.md and
 # results/fig*.png, from runs kept in runs/paper (finished runs are skipped, unfinished resumed).
 #
 #   bash run_all.sh --quick          every configuration on tiny synthetic heads: a smoke run
 #   bash run_all.sh [--seeds 3]      the paper's runs: needs the datasets and, realistically, a GPU
+#   bash run_all.sh --real DIR       the real-face benchmark on BIWI (DIR from tools/biwi_to_npz.py):
+#                                    results/biwi.md and results/biwi.png; add --ablations for the
+#                                    variants of HMTL, or --dev for the flip study
 #
-# Dataset roots (not needed with --quick):
+# Dataset roots (not needed with --quick or --real):
 #   ETHXGAZE_ROOT   folder of ETH-XGaze subjectXXXX.h5 files (the 224 px face-patch release)
 #   W300LP_ROOT     the 300W_LP folder (AFW, HELEN, IBUG, LFPW and their _Flip versions)
 #   AFLW2000_ROOT   the AFLW2000 folder (image*.jpg + image*.mat)

@@ -1,6 +1,6 @@
 """Input pipeline: images/s decoding JPEG + .mat per sample vs reading the memory-mapped cache.
 
-    python benchmarks/loading.py --root ../shared/data/aflw2000-sample
+    python benchmarks/loading.py --root AFLW2000     # any AFLW2000 / 300W-LP folder
 
 Both go through a DataLoader of 64-image batches into uint8 N x S x S x 3 (what the fused tile
 op takes): decoding uses --workers processes (PIL decode, HopeNet crop, resize), the cache is
@@ -13,6 +13,8 @@ import time
 import torch
 
 import hmtl
+import hmtl_data
+from tiles import machine
 
 
 def images_per_second(loader, passes):
@@ -27,23 +29,24 @@ def images_per_second(loader, passes):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="../shared/data/aflw2000-sample", help="an AFLW2000 / 300W-LP folder")
+    p.add_argument("--root", required=True, help="an AFLW2000 / 300W-LP folder")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--passes", type=int, default=3)
     args = p.parse_args()
-    cfg = hmtl.resolve_config(hmtl.get_args_parser().parse_args(
-        ["--data", "aflw2000", "--data-root", args.root, "--img-size", str(args.img_size), "--workers", str(args.workers)]))
-    files = hmtl.load_split(cfg, False)
+    cfg = hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(
+        ["--data", "aflw2000", "--data-root", args.root, "--img-size", str(args.img_size), "--workers", str(args.workers),
+         "--no-aflw2000-reduced"])))
+    files = hmtl_data.load_split(cfg, False)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        arrays = hmtl.load_split({**cfg, "cache": cache}, False)
+        arrays = hmtl_data.load_split({**cfg, "cache": cache}, False)
         build = time.perf_counter() - start
         batches = hmtl.GlobalBatches(len(files), 64, 0, True, False)
         decode = images_per_second(torch.utils.data.DataLoader(files, batch_sampler=batches,
                                                                num_workers=args.workers), args.passes)
         cached = images_per_second(torch.utils.data.DataLoader(arrays, batch_sampler=batches), args.passes)
-    print(f"{len(files)} images from {args.root}, {args.img_size} px crops, {torch.get_num_threads()} threads\n")
+    print(f"{len(files)} images from {args.root}, {args.img_size} px crops, on {machine(torch.device('cpu'))}\n")
     print("| source | images/s | x decoding |\n| --- | --- | --- |")
     print(f"| JPEG + .mat, decoded and cropped ({args.workers} workers) | {decode:.0f} | 1.0 |")
     print(f"| memory-mapped cache (--cache) | {cached:.0f} | {cached / decode:.1f} |")

@@ -1,16 +1,21 @@
-"""Tile-op benchmark: every timing as a ratio to a plain copy into a preallocated output.
+"""Tile-op benchmark: every timing a ratio to a baseline measured in the same process, like for like.
 
-    python benchmarks/tiles.py                  # CPU, 64x3x224x224, g = 2 and 3, rotations on
-    python benchmarks/tiles.py --device cuda    # the same against a device-to-device copy
+    python benchmarks/tiles.py [--rounds 3]          # CPU, 64x3x224x224, g = 2 and 3, rotations on
+    python benchmarks/tiles.py --device cuda         # the same against a device-to-device copy
 
-Rows: the extension writing into a preallocated output (out=) and allocating its own;
-the PyTorch reference; a per-image Python loop (how data-loader pipelines usually do
-it); and the fused uint8 NHWC -> normalised float path against torch's own
-permute + float + normalise with no shuffle at all. One process, median of --repeats.
+Rows, each a median of --repeats with the paths taking turns (so drifts in machine speed hit
+them alike): a plain copy into a preallocated output (the floor), the extension writing into a
+preallocated output (out=) and allocating its own, a per-image Python loop (tiles cut, turned and
+put back per image, as a data-loader transform does it) in the same two forms, and the PyTorch
+reference. Then the per-rotation cost, and the fused uint8 NHWC -> normalised float path against
+torch's permute + float + normalise (both allocating, and both writing into `out`). With --rounds R
+the whole measurement repeats and the summary gives each ratio's range over the rounds.
 """
 import argparse
+import platform
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -39,36 +44,46 @@ def timed(fns, device, repeats, warmup=3):
     return [statistics.median(ts) for ts in times]
 
 
-def per_image_loop(x, perm, rot):
-    """As a Dataset.__getitem__ does it: per image, cut tiles, rotate, reassemble; then collate."""
+def per_image_loop(x, perm, rot, out=None):
+    """As a Dataset.__getitem__ does it: per image, cut tiles, turn them, put them back; then stack
+    (or, given `out`, write each image into it)."""
     g = int(perm.shape[1] ** 0.5)
     t = min(x.shape[2], x.shape[3]) // g
     images = []
-    for img, p, r in zip(x, perm.tolist(), rot.tolist()):
+    for n, (img, p, r) in enumerate(zip(x, perm.tolist(), rot.tolist())):
         tiles = [img[:, i * t:(i + 1) * t, j * t:(j + 1) * t] for i in range(g) for j in range(g)]
         moved = [torch.rot90(tiles[q], k, (1, 2)) for q, k in zip(p, r)]
-        out = img.clone()
-        out[:, :g * t, :g * t] = torch.cat([torch.cat(moved[i * g:(i + 1) * g], 2) for i in range(g)], 1)
-        images.append(out)
-    return torch.stack(images)
+        grid = torch.cat([torch.cat(moved[i * g:(i + 1) * g], 2) for i in range(g)], 1)
+        if out is None:
+            image = img.clone()
+            image[:, :g * t, :g * t] = grid
+            images.append(image)
+        else:
+            out[n].copy_(img)
+            out[n, :, :g * t, :g * t] = grid
+    return torch.stack(images) if out is None else out
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    isa = hmtl.tiles_ext.cpu_kernel_isa() if hmtl.tiles_ext is not None else "not built"
+    return f"{name}, {torch.get_num_threads()} threads, kernel {isa}"
+
+
+def one_round(args, device, ratios, show):
     n, s = args.batch, args.size
-    floor_name = "copy_ (floor)" if device.type == "cpu" else "device-to-device copy_ (floor)"
-    print(f"tile op on {device} ({torch.get_num_threads()} threads), {n}x3x{s}x{s}, rotations on, "
-          f"median of {args.repeats}, paths taking turns; torch {torch.__version__}, extension "
-          f"{'built' if hmtl.tiles_ext is not None else 'NOT built'}\n")
-    print("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
+    floor_name = "copy_ into out (floor)" if device.type == "cpu" else "device-to-device copy_ (floor)"
+    say = print if show else (lambda *a, **k: None)
+    say("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.uint8):
+        name = str(dtype).replace("torch.", "")
         x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
         out = torch.empty_like(x)
         for g in (2, 3):
@@ -77,42 +92,76 @@ def main():
             rows = [(floor_name, lambda: out.copy_(x))]
             if hmtl.tiles_ext is not None:
                 rows += [("extension, out=", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out)),
-                         ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext"))]
-            rows += [("PyTorch reference", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch")),
-                     ("per-image Python loop", lambda: per_image_loop(x, perm, rot))]
-            times = timed([fn for _, fn in rows], device, args.repeats)
-            for (name, _), ms in zip(rows, times):
-                print(f"| {str(dtype).replace('torch.', '')} | {g} | {name} | {ms:.2f} | {ms / times[0]:.2f} |")
+                         ("per-image loop, out=", lambda: per_image_loop(x, perm, rot, out)),
+                         ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext")),
+                         ("per-image loop, allocating", lambda: per_image_loop(x, perm, rot))]
+            rows += [("PyTorch reference, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch"))]
+            times = dict(zip([r[0] for r in rows], timed([fn for _, fn in rows], device, args.repeats)))
+            for path, ms in times.items():
+                say(f"| {name} | {g} | {path} | {ms:.2f} | {ms / times[floor_name]:.2f} |")
+            if hmtl.tiles_ext is not None:
+                ratios[f"{name}, g = {g}: extension out= / copy_"].append(times["extension, out="] / times[floor_name])
+                ratios[f"{name}, g = {g}: loop / extension, both out="].append(
+                    times["per-image loop, out="] / times["extension, out="])
+                ratios[f"{name}, g = {g}: loop / extension, both allocating"].append(
+                    times["per-image loop, allocating"] / times["extension, allocating"])
 
-    print(f"\nWhere the time goes: float32, g = 3, every tile rotated by the same k\n")
-    print("| k | ms | x floor |\n| --- | --- | --- |")
-    x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(device)
-    out = torch.empty_like(x)
-    perm = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)[0]
-    rows = [lambda: out.copy_(x)]
     if hmtl.tiles_ext is not None:
-        rows += [lambda k=k: hmtl.shuffle_tiles(x, perm, torch.full_like(perm, k), "ext", out=out) for k in range(4)]
-    times = timed(rows, device, args.repeats)
-    for k, ms in enumerate(times[1:]):
-        print(f"| {k} ({90 * k}°) | {ms:.2f} | {ms / times[0]:.2f} |")
+        say("\nWhere the time goes: g = 3, every tile turned by the same k, out=, as a ratio to copy_\n")
+        say("| input | 0° | 90° | 180° | 270° |\n| --- | --- | --- | --- | --- |")
+        for dtype in (torch.float32, torch.uint8):
+            name = str(dtype).replace("torch.", "")
+            x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
+            out = torch.empty_like(x)
+            perm = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)[0]
+            turned = [torch.full_like(perm, k) for k in range(4)]
+            fns = [lambda: out.copy_(x)] + [lambda r=r: hmtl.shuffle_tiles(x, perm, r, "ext", out=out) for r in turned]
+            times = timed(fns, device, args.repeats)
+            say(f"| {name} | " + " | ".join(f"{ms / times[0]:.2f}" for ms in times[1:]) + " |")
+            for k, ms in enumerate(times[1:]):
+                ratios[f"{name}, g = 3, all tiles turned {90 * k}°: / copy_"].append(ms / times[0])
 
-    print(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on\n")
-    print("| path | ms | x torch |\n| --- | --- | --- |")
+    say(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on\n")
+    say("| path | ms | x torch, alike |\n| --- | --- | --- |")
     x = torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen).to(device)
     perm, rot = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)
     rot = torch.randint(0, 4, rot.shape, generator=gen).to(device)
     mean = torch.tensor(hmtl.IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(hmtl.IMAGENET_STD, device=device)[:, None, None]
     out = torch.empty(n, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
-    rows = [("torch: permute + float + normalise, no shuffle",
-             lambda: x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std))]
+    rows = [("torch: permute + float + normalise, allocating", lambda: x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)),
+            ("torch: the same into out", lambda: out.copy_(x.permute(0, 3, 1, 2)).div_(255).sub_(mean).div_(std))]
     if hmtl.tiles_ext is not None:
         rows += [("fused extension, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext")),
                  ("fused extension, out=", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext", out=out))]
-    rows += [("fused PyTorch reference", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="torch"))]
+    rows += [("fused PyTorch reference, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="torch"))]
     times = timed([fn for _, fn in rows], device, args.repeats)
-    for (name, _), ms in zip(rows, times):
-        print(f"| {name} | {ms:.2f} | {ms / times[0]:.2f} |")
+    alike = [0, 1, 0, 1, 0]
+    for (path, _), ms, base in zip(rows, times, alike):
+        say(f"| {path} | {ms:.2f} | {ms / times[base]:.2f} |")
+    if hmtl.tiles_ext is not None:
+        ratios["fused / torch, both allocating"].append(times[2] / times[0])
+        ratios["fused / torch, both out="].append(times[3] / times[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; the summary gives ranges")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"tile op on {device}: {machine(device)}; {args.batch}x3x{args.size}x{args.size}, rotations on, "
+          f"median of {args.repeats}, paths taking turns; torch {torch.__version__}\n")
+    ratios = defaultdict(list)
+    for r in range(args.rounds):
+        one_round(args, device, ratios, show=r == args.rounds - 1)
+    if args.rounds > 1:
+        print(f"\nRange over {args.rounds} rounds\n\n| ratio | min | max |\n| --- | --- | --- |")
+        for name, values in ratios.items():
+            print(f"| {name} | {min(values):.2f} | {max(values):.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ gets it already normalised (no augmentation, no tiles) and trains torchvision's 
 with one 3 x 66-way linear layer; SL and HMTL steps run hmtl.prepare (augmentation
 on the device + the fused tile op) and hmtl's losses. All use hmtl.AdaBelief. The three
 alternate step by step, so drifts in machine speed hit them alike; each figure is a
-median, printed as images/s and as a ratio to the plain step.
+median, printed as images/s and as a ratio to the plain step. --compile runs each network
+through torch.compile (the tile op stays outside the compiled graph).
 """
 import argparse
 import statistics
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 import torchvision
 
 import hmtl
+import hmtl_data
+from tiles import machine
 
 
 def main():
@@ -34,21 +37,23 @@ def main():
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", default="data/cache")
+    p.add_argument("--compile", action="store_true", help="torch.compile each network")
     args = p.parse_args()
 
-    cfg = hmtl.resolve_config(hmtl.get_args_parser().parse_args([
+    cfg = hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args([
         "--data", "300wlp", "--arch", args.arch, "--img-size", str(args.img_size), "--batch-size",
         str(args.batch_size), "--task", args.task, "--flag", str(args.flag), "--grid", str(args.grid),
-        "--aug", args.aug, "--amp", args.amp, "--device", args.device]))
+        "--aug", args.aug, "--amp", args.amp, "--device", args.device])))
     rt = hmtl.runtime(cfg)
     n = args.batch_size
-    data = hmtl.synthetic_heads(n, args.img_size, seed=0, split=0, folder=args.cache, workers=2)
+    data = hmtl_data.synthetic_heads(n, args.img_size, seed=0, split=0, folder=args.cache, workers=2)
     images = torch.from_numpy(data.images[:n].copy())
     angles = torch.from_numpy(data.angles[:n]).to(rt.device)
 
     def trainer(model, loss_of):
         model = model.to(rt.device, memory_format=torch.channels_last)
         optimizer = hmtl.AdaBelief(model.parameters())
+        model = torch.compile(model) if args.compile else model
 
         def step(i):
             with rt.autocast():
@@ -67,9 +72,9 @@ def main():
 
     def hmtl_loss(task):
         def loss(model, i):
-            x, perm, rot = hmtl.prepare(images, cfg, hmtl.seeded(0, i), n, rt, task, True)
+            x, target, perm, rot, _ = hmtl.prepare(images, angles, cfg, hmtl.seeded(0, i), n, rt, task=task, train=True)
             pose, ssl = model(x)
-            sl = hmtl.supervised_loss(pose, angles, cfg, rt)
+            sl = hmtl.supervised_loss(pose, target, cfg, rt.centres)
             return hmtl.hmtl_loss(sl, hmtl.ssl_loss(ssl, {"puzzle": perm, "rotation": rot}) if ssl else 0, 50.0)
         return loss
 
@@ -90,8 +95,9 @@ def main():
             if i >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - t0)
 
-    print(f"{args.arch}, {args.img_size} px, batch {n}, aug {args.aug}, amp {rt.amp}, on {rt.device} "
-          f"({torch.get_num_threads()} threads), median of {args.steps} steps\n")
+    print(f"{args.arch}, {args.img_size} px, batch {n}, aug {args.aug}, amp {rt.amp}"
+          f"{', torch.compile' if args.compile else ''}, on {rt.device}: {machine(rt.device)}; median of "
+          f"{args.steps} steps\n")
     print("| step | ms | images/s | x plain |\n| --- | --- | --- | --- |")
     base = None
     for name, ts in times.items():
@@ -106,7 +112,7 @@ def main():
         for i in range(args.steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            hmtl.prepare(images, cfg, hmtl.seeded(1, i), n, rt, args.task, True)
+            hmtl.prepare(images, angles, cfg, hmtl.seeded(1, i), n, rt, task=args.task, train=True)
             end.record()
             torch.cuda.synchronize()
             aug.append(start.elapsed_time(end))

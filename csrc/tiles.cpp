@@ -1,4 +1,4 @@
-// hmtl's tile op: batched jigsaw shuffle + per-tile rotation (DESIGN.md section 4).
+// hmtl's tile op: batched jigsaw shuffle + per-tile rotation (docs/method.md, section 4).
 // This file holds the argument checks shared with the CUDA kernel, the CPU kernels
 // (parallel over images and bands of tiles, with SIMD transposes on x86-64), the operator
 // schemas and the pybind11 module.
@@ -9,7 +9,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <c10/util/StringUtil.h>
 #include <cmath>
+#include <string>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
@@ -17,10 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define HMTL_X86 1
-#include <immintrin.h>
-#endif
+#include "tiles_simd.h"
 
 namespace hmtl {
 
@@ -114,12 +114,12 @@ Affine make_affine(const char* op, int64_t channels, at::ArrayRef<double> mean, 
 // Prefetches the source row of a tile that an output row reads whole (0° or 180°): `count`
 // pixels, pixel j at element offset line.start + j*line.step of `tile`.
 static inline void prefetch_row(const void* tile, Line line, int64_t count, int64_t element) {
-  const char* low = static_cast<const char*>(tile) + (line.start + std::min<int64_t>(0, (count - 1) * line.step)) * element;
-  for (int64_t b = 0; b < count * std::abs(line.step) * element; b += 64) __builtin_prefetch(low + b);
+  const int64_t low = line.start + std::min<int64_t>(0, (count - 1) * line.step);
+  prefetch(static_cast<const char*>(tile) + low * element, count * std::abs(line.step) * element);
 }
 
 // The general traversal, for any layout: the fused op, channels-last batches and strided
-// views. (Planes of contiguous rows, shuffle_tiles' common case, take shuffle_rows_cpu.)
+// views. (Planes of contiguous rows, shuffle_tiles' common case, take shuffle_rows.)
 // Calls seg(dst, src, count, src_step, plane) for every row segment of the output:
 // `count` pixels, pixel j written at element offset dst + j*os.w of out and read at
 // src + j*src_step of x. Runs in parallel over (image, plane, band of tile rows) and
@@ -128,10 +128,8 @@ static inline void prefetch_row(const void* tile, Line line, int64_t count, int6
 // is twice as slow). Channels-last outputs are visited as one plane of m = C elements
 // per pixel, other layouts one channel plane (m = 1) at a time.
 //
-// Source rows that are read whole (tiles turned 0° or 180°) are prefetched 4 rows ahead: the
-// g tiles of a band come from g places, and without it those rows ran at ~1.8x a plain copy
-// instead of ~1.2x (measured, benchmarks/tiles.py). Rows read across (90°, 270°) gained
-// nothing from prefetching and are left to the hardware.
+// Source rows that are read whole (tiles turned 0° or 180°) are prefetched kPrefetchRows ahead;
+// rows read across (90°, 270°) gained nothing from prefetching and are left to the hardware.
 template <typename Segment>
 static void for_each_segment(int64_t n, int64_t planes, int64_t h, int64_t w, Grid grid, const at::Tensor& perm,
                              const at::Tensor& rot, const at::Tensor& x, Strides xs, Strides os, const Segment& seg) {
@@ -157,32 +155,14 @@ static void for_each_segment(int64_t n, int64_t planes, int64_t h, int64_t w, Gr
         for (int64_t pc = 0; pc < g; ++pc) {
           const Line line = source_line(Rb[pc], i, t, xs.h, xs.w);
           const int64_t tile = x0 + tile_offset(Pb[pc], grid, xs);
-          if (i + 4 < t && (Rb[pc] == 0 || Rb[pc] == 2))
-            prefetch_row(x_bytes + tile * element, source_line(Rb[pc], i + 4, t, xs.h, xs.w), t, element);
+          if (i + kPrefetchRows < t && (Rb[pc] == 0 || Rb[pc] == 2))
+            prefetch_row(x_bytes + tile * element, source_line(Rb[pc], i + kPrefetchRows, t, xs.h, xs.w), t, element);
           seg(o + pc * t * os.w, tile + line.start, t, line.step, plane);
         }
         if (span < w) seg(o + span * os.w, x0 + (band * t + i) * xs.h + span * xs.w, w - span, xs.w, plane);
       }
     }
   });
-}
-
-// d[j] = s[-j] for j < count: a row turned 180°. The compiler vectorises this for 2- and
-// 4-byte elements by itself; bytes are reversed 16 at a time by hand (SSE2, part of x86-64).
-template <typename E>
-static void reverse_row(E* __restrict__ d, const E* __restrict__ s, int64_t count) {
-  int64_t j = 0;
-#ifdef HMTL_X86
-  if constexpr (sizeof(E) == 1) {
-    for (; j + 16 <= count; j += 16) {
-      __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s - j - 15));
-      v = _mm_shuffle_epi32(v, _MM_SHUFFLE(0, 1, 2, 3));
-      v = _mm_shufflehi_epi16(_mm_shufflelo_epi16(v, _MM_SHUFFLE(2, 3, 0, 1)), _MM_SHUFFLE(2, 3, 0, 1));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j), _mm_or_si128(_mm_slli_epi16(v, 8), _mm_srli_epi16(v, 8)));
-    }
-  }
-#endif
-  for (; j < count; ++j) d[j] = s[-j];
 }
 
 // Moves `count` pixels of m elements from s (pixel j at s + j*sstep, channel c at c*xc)
@@ -196,7 +176,7 @@ static void move_pixels(E* __restrict__ d, int64_t dstep, int64_t oc, const E* _
     if (sstep == 1) {
       std::memcpy(d, s, count * sizeof(E));
     } else if (sstep == -1) {  // a row reversed (rot 180)
-      reverse_row(d, s, count);
+      Portable::reverse(d, s, count);
     } else {
       for (int64_t j = 0; j < count; ++j) d[j] = s[j * sstep];
     }
@@ -208,173 +188,55 @@ static void move_pixels(E* __restrict__ d, int64_t dstep, int64_t oc, const E* _
   }
 }
 
-// Writes an 8 x count block whose row c holds element c of each of `count` runs of 8
-// elements, run j at s + j*step: d[c*dh + j] = s[j*step + c], the rows in reverse order
-// when `flip`. Columns from `first` on; the SIMD versions below call it for their remainders.
-template <typename E>
-static void transpose_runs_scalar(E* d, int64_t dh, const E* s, int64_t step, int64_t first, int64_t count,
-                                  bool flip) {
-  for (int64_t j = first; j < count; ++j)
-    for (int64_t c = 0; c < 8; ++c) d[(flip ? 7 - c : c) * dh + j] = s[j * step + c];
-}
+// ---------------------------------------------------------------------------- CPU kernels: contiguous rows
+// tiles_rows.inc compiled once per instruction set; shuffle_cpu picks one from the CPU's features.
+
+namespace portable {
+using Isa = Portable;
+#include "tiles_rows.inc"
+}  // namespace portable
 
 #ifdef HMTL_X86
-// 8 x 8 transposes by register shuffles, which move bits and never touch float values.
-// AVX for 4-byte elements (checked at run time); SSE2, part of x86-64, for 2 and 1 bytes.
-static const bool kHasAvx = [] {
-  __builtin_cpu_init();  // this may run among the module's constructors, before libgcc's own
-  return __builtin_cpu_supports("avx") != 0;
-}();
-
-__attribute__((target("avx"))) static void transpose_runs_avx(uint32_t* d, int64_t dh, const uint32_t* s,
-                                                               int64_t step, int64_t count, bool flip) {
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    __m256 r[8], u[8];
-    for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(reinterpret_cast<const float*>(s + (j + q) * step));
-    for (int q = 0; q < 8; q += 2) {
-      u[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
-      u[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
-    }
-    for (int q = 0; q < 8; q += 4)
-      for (int h = 0; h < 2; ++h) {
-        r[q + 2 * h] = _mm256_shuffle_ps(u[q + h], u[q + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
-        r[q + 2 * h + 1] = _mm256_shuffle_ps(u[q + h], u[q + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
-      }
-    for (int c = 0; c < 4; ++c) {
-      u[c] = _mm256_permute2f128_ps(r[c], r[c + 4], 0x20);
-      u[c + 4] = _mm256_permute2f128_ps(r[c], r[c + 4], 0x31);
-    }
-    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(reinterpret_cast<float*>(d + (flip ? 7 - c : c) * dh + j), u[c]);
-  }
-  transpose_runs_scalar(d, dh, s, step, j, count, flip);
-}
-
-static void transpose_runs_sse2(uint16_t* d, int64_t dh, const uint16_t* s, int64_t step, int64_t count,
-                                bool flip) {
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    __m128i r[8], u[8];
-    for (int q = 0; q < 8; ++q) r[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + (j + q) * step));
-    for (int q = 0; q < 8; q += 2) {
-      u[q] = _mm_unpacklo_epi16(r[q], r[q + 1]);
-      u[q + 1] = _mm_unpackhi_epi16(r[q], r[q + 1]);
-    }
-    for (int q = 0; q < 8; q += 4)
-      for (int h = 0; h < 2; ++h) {
-        r[q + 2 * h] = _mm_unpacklo_epi32(u[q + h], u[q + h + 2]);
-        r[q + 2 * h + 1] = _mm_unpackhi_epi32(u[q + h], u[q + h + 2]);
-      }
-    for (int c = 0; c < 4; ++c) {
-      u[2 * c] = _mm_unpacklo_epi64(r[c], r[c + 4]);
-      u[2 * c + 1] = _mm_unpackhi_epi64(r[c], r[c + 4]);
-    }
-    for (int c = 0; c < 8; ++c) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (flip ? 7 - c : c) * dh + j), u[c]);
-  }
-  transpose_runs_scalar(d, dh, s, step, j, count, flip);
-}
-
-static void transpose_runs_sse2(uint8_t* d, int64_t dh, const uint8_t* s, int64_t step, int64_t count,
-                                bool flip) {
-  int64_t j = 0;
-  for (; j + 8 <= count; j += 8) {
-    __m128i r[8], u[4];
-    for (int q = 0; q < 8; ++q) r[q] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + (j + q) * step));
-    for (int q = 0; q < 4; ++q) u[q] = _mm_unpacklo_epi8(r[2 * q], r[2 * q + 1]);
-    for (int h = 0; h < 2; ++h) {
-      r[2 * h] = _mm_unpacklo_epi16(u[2 * h], u[2 * h + 1]);
-      r[2 * h + 1] = _mm_unpackhi_epi16(u[2 * h], u[2 * h + 1]);
-    }
-    for (int h = 0; h < 2; ++h) {  // row pairs (4h, 4h+1) and (4h+2, 4h+3) of the result
-      u[2 * h] = _mm_unpacklo_epi32(r[h], r[h + 2]);
-      u[2 * h + 1] = _mm_unpackhi_epi32(r[h], r[h + 2]);
-    }
-    for (int c = 0; c < 8; ++c) {
-      const __m128i pair = u[c / 2];
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(d + (flip ? 7 - c : c) * dh + j),
-                       c % 2 ? _mm_unpackhi_epi64(pair, pair) : pair);
-    }
-  }
-  transpose_runs_scalar(d, dh, s, step, j, count, flip);
-}
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+using Isa = Avx2;
+#include "tiles_rows.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
 
-template <typename E>
-static void transpose_runs(E* d, int64_t dh, const E* s, int64_t step, int64_t count, bool flip) {
+// The instruction sets the CPU kernel for contiguous rows can run with here, best first; the
+// one it runs with (the best, unless set_cpu_kernel_isa chose another: tests and benchmarks).
+// (AVX-512 versions of tiles_simd.h's blocks -- 16 x 16 transposes, masked copies -- measured
+// slower than the AVX2 ones on an AVX-512 AMD EPYC, so AVX-512 CPUs run the AVX2 code.)
+enum class CpuIsa { kAvx2, kPortable };
+static const char* const kIsaNames[] = {"avx2", "portable"};
+
+static std::vector<CpuIsa> cpu_isas() {
+  std::vector<CpuIsa> found;
 #ifdef HMTL_X86
-  if constexpr (sizeof(E) == 4) {
-    if (kHasAvx) return transpose_runs_avx(d, dh, s, step, count, flip);
-  } else {
-    return transpose_runs_sse2(d, dh, s, step, count, flip);
-  }
+  if (cpu_has_avx2()) found.push_back(CpuIsa::kAvx2);
 #endif
-  transpose_runs_scalar(d, dh, s, step, 0, count, flip);
+  found.push_back(CpuIsa::kPortable);
+  return found;
 }
 
-// Planes of contiguous rows in x and out (N x C x H x W), the common case, get their own
-// traversal: the output is written strictly in address order, row by row across a band,
-// and tiles turned 90° or 270° are first transposed, 8 rows at a time, into a staging
-// buffer of 8 band rows. With random turns (float32, g = 3) that took the op from ~1.75x to
-// ~1.45x a plain copy; gathering those rows pixel by pixel, or writing the 8 x 8 blocks
-// straight into out (out of address order), both measured ~1.75x (benchmarks/tiles.py).
-constexpr int64_t kStageRows = 8;
+static std::atomic<CpuIsa> g_isa{cpu_isas().front()};
 
-template <typename E>
-static void shuffle_rows_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, const at::Tensor& out,
-                             Grid grid) {
-  const int64_t n = x.size(0), planes = x.size(1), h = x.size(2), w = x.size(3);
-  const Strides xs = nchw_strides(x), os = nchw_strides(out);
-  const E* xp = static_cast<const E*>(x.const_data_ptr());
-  E* op = static_cast<E*>(out.mutable_data_ptr());
-  const int64_t g = grid.g, t = grid.t, g2 = g * g, span = g * t;
-  const int64_t bands = g + (span < h ? 1 : 0);  // the last band holds the rows below the grid
-  const auto p = perm.contiguous(), r = rot.contiguous();
-  const int64_t* P = p.const_data_ptr<int64_t>();
-  const int64_t* R = r.const_data_ptr<int64_t>();
-  at::parallel_for(0, n * planes * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const E*> tile(g);  // per tile of the band: where its source starts
-    std::vector<E> stage(kStageRows * span);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t band = task % bands, plane = (task / bands) % planes, img = task / (bands * planes);
-      const E* x0 = xp + img * xs.n + plane * xs.c;
-      E* o0 = op + img * os.n + plane * os.c;
-      if (band == g) {
-        for (int64_t i = span; i < h; ++i) std::memcpy(o0 + i * os.h, x0 + i * xs.h, w * sizeof(E));
-        continue;
-      }
-      const int64_t* k = R + img * g2 + band * g;  // per tile of the band: its turns
-      for (int64_t pc = 0; pc < g; ++pc) tile[pc] = x0 + tile_offset(P[img * g2 + band * g + pc], grid, xs);
-      for (int64_t i0 = 0; i0 < t; i0 += kStageRows) {
-        const int64_t rows = std::min(kStageRows, t - i0);
-        for (int64_t pc = 0; pc < g; ++pc) {
-          if (k[pc] % 2 == 0) continue;
-          // Output rows i0.. read source columns t-1-i0 downwards (90°) or i0 upwards (270°).
-          const Line first = source_line(k[pc], i0, t, xs.h, 1);
-          E* staged = stage.data() + pc * t;
-          if (rows == kStageRows)
-            transpose_runs(staged, span, tile[pc] + first.start - (k[pc] == 1 ? 7 : 0), first.step, t, k[pc] == 1);
-          else
-            for (int64_t i = 0; i < rows; ++i)
-              move_pixels<E, 1>(staged + i * span, 1, 0, tile[pc] + source_line(k[pc], i0 + i, t, xs.h, 1).start,
-                                first.step, 0, t, 1);
-        }
-        for (int64_t i = i0; i < i0 + rows; ++i) {
-          E* o = o0 + (band * t + i) * os.h;
-          for (int64_t pc = 0; pc < g; ++pc, o += t) {
-            if (k[pc] % 2 == 1) {
-              std::memcpy(o, stage.data() + (i - i0) * span + pc * t, t * sizeof(E));
-              continue;
-            }
-            if (i + 4 < t)  // 4 rows ahead, as in for_each_segment
-              prefetch_row(tile[pc], source_line(k[pc], i + 4, t, xs.h, 1), t, sizeof(E));
-            const Line line = source_line(k[pc], i, t, xs.h, 1);
-            move_pixels<E, 1>(o, 1, 0, tile[pc] + line.start, line.step, 0, t, 1);
-          }
-          if (span < w) std::memcpy(o, x0 + (band * t + i) * xs.h + span, (w - span) * sizeof(E));
-        }
-      }
-    }
-  });
+std::vector<std::string> available_cpu_kernel_isas() {
+  std::vector<std::string> names;
+  for (CpuIsa isa : cpu_isas()) names.emplace_back(kIsaNames[static_cast<int>(isa)]);
+  return names;
+}
+
+std::string cpu_kernel_isa() { return kIsaNames[static_cast<int>(g_isa.load())]; }
+
+void set_cpu_kernel_isa(const std::string& name) {
+  for (CpuIsa isa : cpu_isas())
+    if (name == kIsaNames[static_cast<int>(isa)]) return g_isa.store(isa);
+  TORCH_CHECK_VALUE(false, "this CPU cannot run the tile kernel's ", name, " code; it can run: ",
+                    c10::Join(", ", available_cpu_kernel_isas()));
 }
 
 template <typename E>
@@ -384,7 +246,14 @@ static void shuffle_cpu(const at::Tensor& x, const at::Tensor& perm, const at::T
   const Strides xs = nchw_strides(x), os = nchw_strides(out);
   const E* xp = static_cast<const E*>(x.const_data_ptr());
   E* op = static_cast<E*>(out.mutable_data_ptr());
-  if (xs.w == 1 && os.w == 1) return shuffle_rows_cpu<E>(x, perm, rot, out, grid);
+  if (xs.w == 1 && os.w == 1) {
+    switch (g_isa.load()) {
+#ifdef HMTL_X86
+      case CpuIsa::kAvx2: return avx2::shuffle_rows<E>(x, perm, rot, out, grid);
+#endif
+      default: return portable::shuffle_rows<E>(x, perm, rot, out, grid);
+    }
+  }
   const bool interleaved = os.c == 1 && C > 1;
   const int64_t planes = interleaved ? 1 : C, m = interleaved ? C : 1;
   const auto run = [&](auto cc) {
@@ -506,6 +375,12 @@ TORCH_LIBRARY_IMPL(hmtl, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hmtl's tile op; the operators live in torch.ops.hmtl";
+  m.def("cpu_kernel_isa", &hmtl::cpu_kernel_isa,
+        "the instruction set the CPU kernel for contiguous rows runs with: avx2 or portable");
+  m.def("available_cpu_kernel_isas", &hmtl::available_cpu_kernel_isas,
+        "the instruction sets this CPU can run the kernel with, best (the default) first");
+  m.def("set_cpu_kernel_isa", &hmtl::set_cpu_kernel_isa,
+        "run the CPU kernel with another instruction set this CPU has (tests and benchmarks)");
 #ifdef HMTL_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

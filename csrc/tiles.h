@@ -1,5 +1,5 @@
 // Shared by the CPU (tiles.cpp) and CUDA (tiles_cuda.cu) kernels of hmtl's tile op.
-// Semantics: DESIGN.md section 4. A g x g grid of t x t tiles, t = min(H, W) / g, covers
+// Semantics: docs/method.md, section 4. A g x g grid of t x t tiles, t = min(H, W) / g, covers
 // the top-left g*t x g*t pixels; out tile p = rot90(x tile perm[p], rot[p]), and every
 // pixel outside the grid is copied unchanged.
 #pragma once

@@ -150,7 +150,7 @@ def test_flip_mirrors_the_image_and_negates_yaw_and_roll_as_real_faces_require(a
     pitch, yaw, roll = np.degrees(np.stack([m["Pose_Para"][0, :3] for m in mats])).T
     angles = torch.tensor(np.stack([yaw, pitch, roll], 1), dtype=torch.float32)
     draw = hmtl.Draws(torch.Generator().manual_seed(0), len(mats), slice(None), torch.device("cpu"))
-    flipped, labels = hmtl.flip(images, angles, hmtl.ANGLES, draw, probability=1.0)
+    flipped, labels = hmtl.flip(images, angles, hmtl_data.ANGLES, draw, probability=1.0)
     assert torch.equal(flipped, images.flip(2))
     assert torch.equal(labels, angles * torch.tensor([-1.0, 1.0, -1.0]))
     turned, tilted = [], []
@@ -164,7 +164,7 @@ def test_flip_mirrors_the_image_and_negates_yaw_and_roll_as_real_faces_require(a
             tilted.append(np.sign(slope) == np.sign(new_roll))
     assert len(turned) > 25 and np.mean(turned) > 0.9
     assert len(tilted) > 5 and np.mean(tilted) > 0.9
-    half = hmtl.flip(images, angles, hmtl.ANGLES, draw, probability=0.5)
+    half = hmtl.flip(images, angles, hmtl_data.ANGLES, draw, probability=0.5)
     mirrored = (half[1][:, 0] != angles[:, 0]) & (angles[:, 0] != 0)
     assert 25 < mirrored.sum() < 75 and torch.equal(half[0][mirrored], images[mirrored].flip(2))
 

@@ -1,5 +1,5 @@
 """The tile op: the C++/CUDA extension against the PyTorch reference, and both against
-an independent per-tile definition (DESIGN.md section 4)."""
+an independent per-tile definition (docs/method.md, section 4)."""
 import math
 import warnings
 
@@ -18,6 +18,21 @@ needs_cuda = pytest.mark.skipif(
     reason="needs a CUDA GPU and the extension built with CUDA")
 BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+# The CPU kernel's instruction sets (csrc/tiles_simd.h); a test runs on each this CPU has.
+ISAS = ["avx2", "portable"]
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request):
+    """Runs the test with the CPU kernel compiled for one instruction set, where this CPU has it."""
+    if hmtl.tiles_ext is None:
+        pytest.skip("tile-op extension not built")
+    if request.param not in hmtl.tiles_ext.available_cpu_kernel_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernel")
+    default = hmtl.tiles_ext.cpu_kernel_isa()
+    hmtl.tiles_ext.set_cpu_kernel_isa(request.param)
+    yield request.param
+    hmtl.tiles_ext.set_cpu_kernel_isa(default)
 
 
 def random_images(n, c, h, w, dtype, fmt=torch.contiguous_format, seed=0):
@@ -28,7 +43,7 @@ def random_images(n, c, h, w, dtype, fmt=torch.contiguous_format, seed=0):
 
 
 def tile_by_tile(x, perm, rot):
-    """DESIGN.md's definition, one tile at a time."""
+    """docs/method.md's definition (section 4), one tile at a time."""
     g = math.isqrt(perm.shape[1])
     t = min(x.shape[2], x.shape[3]) // g
     out = x.clone()
@@ -77,7 +92,7 @@ def test_labels_name_the_tile_that_moved_and_its_rotation(backend):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,g,task", CASES)
-def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt):
+def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt, cpu_isa):
     x = random_images(*shape, dtype, fmt, seed=g)
     perm, rot = hmtl.sample_tiles(shape[0], g, task, torch.Generator().manual_seed(2))
     if task == "puzzle":  # rotations on everywhere too
@@ -90,10 +105,11 @@ def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt):
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", [7, 8, 9, 16, 17, 33])
-def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype, device):
-    """The CPU kernel moves turned tiles in 8 x 8 blocks and reverses bytes 16 at a time:
-    tile sides on, below and above those sizes, one turn for all tiles, margins on two sides."""
+@pytest.mark.parametrize("t", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 74, 112])
+def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype, device, cpu_isa):
+    """The CPU kernel transposes turned tiles in 8 x 8 or 16 x 16 blocks and moves rows 32 bytes at
+    a time, the last block or vector overlapping the one before: tile sides on, below and above
+    those sizes (and a 224 px image's 74 and 112), one turn for all tiles, margins on two sides."""
     x = random_images(2, 3, 2 * t + 1, 2 * t + 5, dtype, seed=t)
     perm = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
     for k in range(4):
@@ -105,7 +121,7 @@ def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype, 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_views_of_a_larger_batch_are_bit_exact(dtype, device):
+def test_views_of_a_larger_batch_are_bit_exact(dtype, device, cpu_isa):
     base = random_images(3, 5, 50, 47, dtype)
     perm, _ = hmtl.sample_tiles(3, 3, "puzzle", torch.Generator().manual_seed(6))
     rot = torch.randint(0, 4, perm.shape, generator=torch.Generator().manual_seed(7))
@@ -143,11 +159,18 @@ def test_inverse_parameters_restore_the_input_exactly(backend, dtype, task):
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 40), w=st.integers(1, 40),
+@given(n=st.integers(1, 3), c=st.integers(1, 4), h=st.integers(1, 80), w=st.integers(1, 80),
        g=st.integers(1, 5), dtype=st.sampled_from(DTYPES), fmt=st.sampled_from(FORMATS),
        task=st.sampled_from(hmtl.TASKS), seed=st.integers(0, 2**31))
 def test_property_extension_equals_reference_and_round_trips(device, n, c, h, w, g, dtype, fmt, task, seed):
     g = min(g, h, w)
+    for isa in hmtl.tiles_ext.available_cpu_kernel_isas():
+        hmtl.tiles_ext.set_cpu_kernel_isa(isa)
+        check_property_case(device, n, c, h, w, g, dtype, fmt, task, seed)
+    hmtl.tiles_ext.set_cpu_kernel_isa(hmtl.tiles_ext.available_cpu_kernel_isas()[0])
+
+
+def check_property_case(device, n, c, h, w, g, dtype, fmt, task, seed):
     x = random_images(n, c, h, w, dtype, fmt, seed)
     perm, rot = hmtl.sample_tiles(n, g, task, torch.Generator().manual_seed(seed))
     got = hmtl.shuffle_tiles(x.to(device), perm.to(device), rot.to(device), "ext")
@@ -480,3 +503,63 @@ def test_cuda_device_mismatch_is_refused():
         hmtl.shuffle_tiles(x, perm, rot, backend="ext")
     with pytest.raises(ValueError, match="one device"):
         hmtl.shuffle_tiles(x.cpu(), perm.cuda(), rot.cuda(), backend="ext")
+
+
+@needs_ext
+def test_the_cpu_kernel_runs_the_best_instruction_set_this_cpu_has():
+    import platform
+    available = hmtl.tiles_ext.available_cpu_kernel_isas()
+    assert available[-1] == "portable" and set(available) <= set(ISAS)
+    assert hmtl.tiles_ext.cpu_kernel_isa() == available[0]
+    flags = open("/proc/cpuinfo").read().split() if platform.system() == "Linux" else []
+    if "avx2" in available:  # never code the CPU cannot run
+        assert platform.machine() == "x86_64" and "avx2" in flags
+    with pytest.raises(ValueError, match="cannot run the tile kernel's neon code; it can run: " + ", ".join(available)):
+        hmtl.tiles_ext.set_cpu_kernel_isa("neon")
+
+
+@needs_cuda
+def test_cuda_op_with_check_off_never_waits_for_the_gpu():
+    """check=False: the values are checked on the device, so the op never synchronises (sync debug
+    mode "error" raises on any synchronisation); check=True copies perm and rot to the host."""
+    x = random_images(8, 3, 32, 32, torch.float32).cuda()
+    u8 = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).cuda()
+    perm, rot = (t.cuda() for t in hmtl.sample_tiles(8, 2, "puzzle_rotation", torch.Generator().manual_seed(1)))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = hmtl.shuffle_tiles(x, perm, rot, "ext", check=False)
+        fused = hmtl.shuffle_tiles_normalize(u8, perm, rot, backend="ext", check=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            hmtl.shuffle_tiles(x, perm, rot, "ext", check=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.cpu(), tile_by_tile(x.cpu(), perm.cpu(), rot.cpu()))
+    assert torch.equal(fused.cpu(), hmtl.shuffle_tiles_normalize(u8.cpu(), perm.cpu(), rot.cpu(), backend="torch"))
+
+
+@needs_cuda
+def test_cuda_graph_captures_and_replays_the_op():
+    gen = torch.Generator().manual_seed(2)
+    x = random_images(8, 3, 40, 40, torch.float32).cuda()
+    u8 = torch.randint(0, 256, (8, 40, 40, 3), dtype=torch.uint8, generator=gen).cuda()
+    perm, rot = (t.cuda() for t in hmtl.sample_tiles(8, 3, "puzzle_rotation", gen))
+    out, fused = torch.empty_like(x), torch.empty(8, 3, 40, 40, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        hmtl.shuffle_tiles(x, perm, rot, "ext", out=out, check=False)
+        hmtl.shuffle_tiles_normalize(u8, perm, rot, backend="ext", out=fused, check=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        hmtl.shuffle_tiles(x, perm, rot, "ext", out=out, check=False)
+        hmtl.shuffle_tiles_normalize(u8, perm, rot, backend="ext", out=fused, check=False)
+    new_perm, new_rot = hmtl.sample_tiles(8, 3, "puzzle_rotation", gen)
+    x.copy_(random_images(8, 3, 40, 40, torch.float32, seed=9))
+    perm.copy_(new_perm)
+    rot.copy_(new_rot)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), tile_by_tile(x.cpu(), new_perm, new_rot))
+    assert torch.equal(fused.cpu(), hmtl.shuffle_tiles_normalize(u8.cpu(), new_perm, new_rot, backend="torch"))

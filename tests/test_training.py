@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hmtl
-from conftest import REPO, config, expected_amp, run_cli, tiny_args
+from conftest import REPO, config, run_cli, tiny_args
 
 
 def rows(run):
