@@ -871,13 +871,8 @@ def train(cfg, state=None):
     if model_has_pose(model):
         summary |= {f"baseline_mae_{a}": baseline[i].item() for i, a in enumerate(names)}
         summary["baseline_mae_mean"] = baseline.mean().item()
-    summary["best_pt"] = {"epoch": best_epoch, "chosen_on": {
-        "holdout": f"{len(holdout) if holdout is not None else 0} images held out of the training set "
-                   f"(--holdout {cfg['holdout']})",
-        "val": f"the validation set ({cfg['val_data']}, not a test set)",
-        None: f"not written: the validation set ({cfg['val_data']}) is a test set; --holdout F chooses on "
-              f"a part of the training set"}[chooser]}
-    summary |= {"epochs": len(history), "train_images": len(train_set), "val_images": len(val_set),
+    summary |= {"best_pt": {"epoch": best_epoch, "chosen_on": chosen_on(chooser, cfg, holdout)},
+                "epochs": len(history), "train_images": len(train_set), "val_images": len(val_set),
                 "seconds": sum(r["seconds"] for r in history), "config": cfg}
     if main_process:
         write_atomically(out / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
@@ -890,17 +885,26 @@ def train(cfg, state=None):
     return summary
 
 
-def evaluate_checkpoint(args, cfg):
+def chosen_on(chooser, cfg, holdout):
+    """What summary.json says of best.pt: the set that chose it, or why there is none."""
+    if chooser == "holdout":
+        return f"{len(holdout)} images held out of the training set (--holdout {cfg['holdout']})"
+    if chooser == "val":
+        return f"the validation set ({cfg['val_data']}, not a test set)"
+    return (f"not written: the validation set ({cfg['val_data']}) is a test set; --holdout F chooses on a part "
+            f"of the training set")
+
+
+def evaluate_checkpoint(path, state, overrides):
     """--eval-only: a checkpoint's network on its validation set, or on the one the command line names."""
-    state = load_checkpoint(args["checkpoint"])
-    cfg = {**state["config"], **cfg}
+    cfg = {**checkpoint_config(state), **overrides}
     rt = runtime(cfg)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model = model.to(rt.device, memory_format=torch.channels_last)
     val_set = rank0_first(rt, lambda: load_split(cfg, False))
     metrics = evaluate(model, evaluation_loader(val_set, cfg, rt), cfg, rt, len(val_set))
-    metrics |= {"checkpoint": str(args["checkpoint"]), "epoch": state["epoch"], "val_data": cfg["val_data"],
+    metrics |= {"checkpoint": str(path), "epoch": state["epoch"], "val_data": cfg["val_data"],
                 "val_images": len(val_set)}
     if rt.rank == 0:
         print(json.dumps(metrics, indent=1))
@@ -1336,6 +1340,8 @@ def main(argv=None):
 
 
 def run_command(given):
+    """Carries out what the flags given ask for: an evaluation, predictions, an export, a preview, a
+    resumed run or a new one."""
     actions = [a for a in ("eval_only", "predict", "export", "preview", "resume") if a in given]
     if len(actions) > 1:
         raise UsageError(f"--{actions[0].replace('_', '-')} and --{actions[1].replace('_', '-')} do not go together")
@@ -1352,7 +1358,7 @@ def run_command(given):
             overrides = {k: v for k, v in given.items() if k in EVALUATION}
             if "val_data" in given and "val_root" not in given:
                 overrides["val_root"] = cfg["data_root"] if given["val_data"] == cfg["data"] else None
-            return evaluate_checkpoint(given, overrides)
+            return evaluate_checkpoint(given["checkpoint"], state, overrides)
         return {"predict": predict, "export": export}[action]({"device": "auto", **given})
     cfg = resolve_config(given)
     if "preview" in given:

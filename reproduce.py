@@ -66,6 +66,39 @@ REAL_FLIP = "0.5"
 HMTL_2X2 = ["--task", "puzzle", "--flag", "3", "--grid", "2"]
 
 
+# For --plan: images per epoch of each training set. 300W-LP: 122,450 images; ETH-XGaze: ~10,000
+# face patches per subject (the paper's "1 subject, ~10k images"); evaluation passes are forward
+# only, ~3x cheaper than a training step, and counted as such.
+TRAIN_IMAGES = {"300wlp": 122_450, "ethxgaze": 10_000}
+TEST_IMAGES = {"300wlp": 2_000, "ethxgaze": 3 * 10_000}
+
+
+def plan(rate, seeds, gpus):
+    """Projected wall time of run_all.sh's paper runs at `rate` training images/s per GPU."""
+    tables = configurations(False, {k: "ROOT" for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT")})
+    seen, lines = set(), ["| table | runs | training images per run | hours |", "| --- | --- | --- | --- |"]
+    total = 0.0
+    for name, rows in tables.items():
+        runs, seconds, sizes = 0, 0.0, set()
+        for _, flags in rows:
+            if slug(flags) in seen:  # a row two tables share runs once
+                continue
+            seen.add(slug(flags))
+            cfg = hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(
+                ["pretrained.pt" if f == "PRETRAINED" else f for f in flags])))
+            data = cfg["data"]
+            per_epoch = TRAIN_IMAGES[data] * (int(cfg["train_subjects"]) if data == "ethxgaze" else 1)
+            images = cfg["epochs"] * (per_epoch + TEST_IMAGES[data] / 3)
+            runs += seeds
+            seconds += seeds * images / rate
+            sizes.add(f"{cfg['epochs']} x {per_epoch:,}")
+        total += seconds
+        lines.append(f"| {name} | {runs} | {', '.join(sorted(sizes))} | {seconds / 3600:.1f} |")
+    lines.append(f"| all | | | **{total / 3600:.1f}** on 1 GPU; {total / 3600 / gpus:.1f} on {gpus} "
+                 f"if they scaled perfectly |")
+    return "\n".join(lines)
+
+
 def t4_label(method, subjects):
     """Table 4's row label: a method trained on k ETH-XGaze subjects."""
     return f"{method}, {subjects} subject{'s' * (subjects > 1)}"
@@ -229,7 +262,13 @@ def main():
     p.add_argument("--ablation-seeds", type=int, default=2, help="--real --ablations: seeds of each variant")
     p.add_argument("--runs", help="runs folder (runs/paper, runs/paper-quick or runs/biwi)")
     p.add_argument("--out", default="results", help="where the tables and figures go")
+    p.add_argument("--plan", type=float, metavar="IMG_PER_S", help="print the projected wall time of the paper's "
+                   "runs at this training throughput per GPU, and run nothing")
+    p.add_argument("--gpus", type=int, default=8, help="--plan: GPUs of a torchrun run")
     args = p.parse_args()
+    if args.plan:
+        print(f"{args.seeds} seeds, {args.plan:g} training images/s per GPU\n\n{plan(args.plan, args.seeds, args.gpus)}")
+        return
     if args.real:
         return real_faces(args)
     env = {k: os.environ.get(k, "") for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT", "BIWI_NPZ")}

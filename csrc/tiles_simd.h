@@ -62,52 +62,51 @@ struct Portable {
 #define HMTL_AVX2 __attribute__((target("avx2"), always_inline)) inline
 
 // ---------------------------------------------------------------------------- SSE2 transposes
-// SSE2 is part of x86-64: both vector instruction sets use these for 1- and 2-byte elements.
+// SSE2 is part of x86-64: the AVX2 code uses these for 1- and 2-byte elements.
 
-// 16 x 16 bytes: four rounds of interleaving rows pairwise (bytes, then pairs, quads, octets).
-static inline void transpose16x16_u8(uint8_t* d, int64_t dh, const uint8_t* s, int64_t sh, bool flip) {
-  __m128i r[16], u[16];
-  for (int q = 0; q < 16; ++q) r[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + q * sh));
-  for (int q = 0; q < 8; ++q) {
-    u[q] = _mm_unpacklo_epi8(r[2 * q], r[2 * q + 1]);
-    u[q + 8] = _mm_unpackhi_epi8(r[2 * q], r[2 * q + 1]);
-  }
-  for (int h = 0; h < 2; ++h)
-    for (int q = 0; q < 4; ++q) {
-      r[8 * h + q] = _mm_unpacklo_epi16(u[8 * h + 2 * q], u[8 * h + 2 * q + 1]);
-      r[8 * h + q + 4] = _mm_unpackhi_epi16(u[8 * h + 2 * q], u[8 * h + 2 * q + 1]);
-    }
-  for (int h = 0; h < 4; ++h)
-    for (int q = 0; q < 2; ++q) {
-      u[4 * h + q] = _mm_unpacklo_epi32(r[4 * h + 2 * q], r[4 * h + 2 * q + 1]);
-      u[4 * h + q + 2] = _mm_unpackhi_epi32(r[4 * h + 2 * q], r[4 * h + 2 * q + 1]);
-    }
-  for (int h = 0; h < 8; ++h) {
-    r[2 * h] = _mm_unpacklo_epi64(u[2 * h], u[2 * h + 1]);
-    r[2 * h + 1] = _mm_unpackhi_epi64(u[2 * h], u[2 * h + 1]);
-  }
-  for (int c = 0; c < 16; ++c)  // register c now holds column c: output row c
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (flip ? 15 - c : c) * dh), r[c]);
+template <int W>
+static inline __m128i unpack_lo(__m128i a, __m128i b) {
+  if constexpr (W == 1) return _mm_unpacklo_epi8(a, b);
+  else if constexpr (W == 2) return _mm_unpacklo_epi16(a, b);
+  else if constexpr (W == 4) return _mm_unpacklo_epi32(a, b);
+  else return _mm_unpacklo_epi64(a, b);
 }
 
-// 8 x 8 two-byte elements.
-static inline void transpose8x8_u16(uint16_t* d, int64_t dh, const uint16_t* s, int64_t sh, bool flip) {
-  __m128i r[8], u[8];
-  for (int q = 0; q < 8; ++q) r[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + q * sh));
-  for (int q = 0; q < 4; ++q) {
-    u[q] = _mm_unpacklo_epi16(r[2 * q], r[2 * q + 1]);
-    u[q + 4] = _mm_unpackhi_epi16(r[2 * q], r[2 * q + 1]);
+template <int W>
+static inline __m128i unpack_hi(__m128i a, __m128i b) {
+  if constexpr (W == 1) return _mm_unpackhi_epi8(a, b);
+  else if constexpr (W == 2) return _mm_unpackhi_epi16(a, b);
+  else if constexpr (W == 4) return _mm_unpackhi_epi32(a, b);
+  else return _mm_unpackhi_epi64(a, b);
+}
+
+// Rounds of interleaving the n row registers pairwise, W bytes at a time, then 2W, ... up to 8:
+// in round W, each group of 16 / W registers pairs its rows 2q and 2q + 1 into registers q (their
+// low halves) and q + 8 / W (their high halves).
+template <int W>
+static inline void interleave_rounds(__m128i* r, int n) {
+  if constexpr (W < 16) {
+    constexpr int M = 16 / W;
+    __m128i u[16];
+    for (int h = 0; h < n / M; ++h)
+      for (int q = 0; q < M / 2; ++q) {
+        u[M * h + q] = unpack_lo<W>(r[M * h + 2 * q], r[M * h + 2 * q + 1]);
+        u[M * h + q + M / 2] = unpack_hi<W>(r[M * h + 2 * q], r[M * h + 2 * q + 1]);
+      }
+    for (int q = 0; q < n; ++q) r[q] = u[q];
+    interleave_rounds<2 * W>(r, n);
   }
-  for (int h = 0; h < 2; ++h)
-    for (int q = 0; q < 2; ++q) {
-      r[4 * h + q] = _mm_unpacklo_epi32(u[4 * h + 2 * q], u[4 * h + 2 * q + 1]);
-      r[4 * h + q + 2] = _mm_unpackhi_epi32(u[4 * h + 2 * q], u[4 * h + 2 * q + 1]);
-    }
-  for (int h = 0; h < 4; ++h) {
-    u[2 * h] = _mm_unpacklo_epi64(r[2 * h], r[2 * h + 1]);
-    u[2 * h + 1] = _mm_unpackhi_epi64(r[2 * h], r[2 * h + 1]);
-  }
-  for (int c = 0; c < 8; ++c) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (flip ? 7 - c : c) * dh), u[c]);
+}
+
+// N x N elements of E (N = 16 / sizeof(E): 16 x 16 bytes, 8 x 8 two-byte elements), one row per
+// register: after the rounds, register c holds column c, written as row c of d.
+template <typename E>
+static inline void transpose_sse2(E* d, int64_t dh, const E* s, int64_t sh, bool flip) {
+  constexpr int N = 16 / sizeof(E);
+  __m128i r[N];
+  for (int q = 0; q < N; ++q) r[q] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + q * sh));
+  interleave_rounds<sizeof(E)>(r, N);
+  for (int c = 0; c < N; ++c) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + (flip ? N - 1 - c : c) * dh), r[c]);
 }
 
 // ---------------------------------------------------------------------------- AVX2
@@ -166,10 +165,8 @@ struct Avx2 {
 
   template <typename E>
   HMTL_AVX2 static void transpose(E* d, int64_t dh, const E* s, int64_t sh, bool flip) {
-    if constexpr (sizeof(E) == 1) {
-      transpose16x16_u8(d, dh, s, sh, flip);
-    } else if constexpr (sizeof(E) == 2) {
-      transpose8x8_u16(d, dh, s, sh, flip);
+    if constexpr (sizeof(E) < 4) {
+      transpose_sse2(d, dh, s, sh, flip);
     } else {  // 8 x 8 four-byte elements in ymm registers
       __m256 r[8], u[8];
       for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(reinterpret_cast<const float*>(s + q * sh));

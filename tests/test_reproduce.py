@@ -67,3 +67,14 @@ def test_the_real_face_benchmark_runs_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_run_all_passes_its_arguments_to_reproduce():
     assert 'exec python reproduce.py "$@"' in (REPO / "run_all.sh").read_text()
+
+
+def test_the_plan_counts_every_run_once_and_projects_its_hours():
+    text = reproduce.plan(rate=1000, seeds=1, gpus=8)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
+    assert [int(rows[t][1]) for t in ("Table 1", "Table 2", "Table 3", "Table 4")] == [13, 12, 2, 12]
+    # Table 2: 12 runs of 110 epochs over 122,450 images, and the 2,000 AFLW2000 faces evaluated
+    # each epoch at a third of a training step's cost
+    assert float(rows["Table 2"][3]) == pytest.approx(12 * 110 * (122_450 + 2_000 / 3) / 1000 / 3600, abs=0.05)
+    assert float(rows["Table 4"][3]) == pytest.approx(3 * 110 * (10_000 * (1 + 2 + 3 + 4) + 4 * 10_000) / 1000 / 3600,
+                                                      abs=0.05)
