@@ -72,7 +72,8 @@ def test_run_all_passes_its_arguments_to_reproduce():
 
 def test_the_plan_counts_every_run_once_and_projects_its_hours():
     text = reproduce.plan(rate=1000, seeds=1, gpus=8)
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:]}
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    rows = {c[0]: c for c in cells}
     assert [int(rows[t][1]) for t in ("Table 1", "Table 2", "Table 3", "Table 4")] == [13, 12, 2, 12]
     # Table 2: 12 runs of 110 epochs over 122,450 images, and the 2,000 AFLW2000 faces evaluated
     # each epoch at a third of a training step's cost
