@@ -124,9 +124,10 @@ def face_box(pt2d, rng=None, protocol="hopenet"):
     pt2d = np.asarray(pt2d, np.float64)
     if protocol not in CROP_PROTOCOLS:
         raise ValueError(f"unknown crop protocol {protocol!r}: choose {' or '.join(CROP_PROTOCOLS)}")
-    points = pt2d if protocol == "hopenet" else pt2d[:, (pt2d >= 0).all(0)]
-    if points.shape[1] == 0 or not (pt2d >= 0).all(0).any():
+    visible = (pt2d >= 0).all(0)
+    if not visible.any():
         return None
+    points = pt2d if protocol == "hopenet" else pt2d[:, visible]
     (x_min, y_min), (x_max, y_max) = points.min(1), points.max(1)
     if pt2d.shape[1] == 68:
         k, (left, top, right, bottom) = rng.uniform(0.2, 0.4), (0.6, 2, 0.6, 0.6)
