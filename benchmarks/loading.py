@@ -7,14 +7,17 @@ op takes): decoding uses --workers processes (PIL decode, HopeNet crop, resize),
 read in the training process. Each figure is the best of --passes over the whole folder.
 """
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-import hmtl
-import hmtl_data
-from tiles import machine
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, installed or not
+import hmtl  # noqa: E402
+import hmtl_data  # noqa: E402
+from tiles import machine  # noqa: E402
 
 
 def images_per_second(loader, passes):

@@ -14,12 +14,15 @@ the whole measurement repeats and the summary gives each ratio's range over the 
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-import hmtl
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, installed or not
+import hmtl  # noqa: E402
 
 
 def timed(fns, device, repeats, warmup=3):

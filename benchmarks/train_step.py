@@ -13,15 +13,18 @@ through torch.compile (the tile op stays outside the compiled graph).
 """
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-import hmtl
-import hmtl_data
-from tiles import machine
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, installed or not
+import hmtl  # noqa: E402
+import hmtl_data  # noqa: E402
+from tiles import machine  # noqa: E402
 
 
 def main():
