@@ -76,10 +76,11 @@ TEST_IMAGES = {"300wlp": 2_000, "ethxgaze": 3 * 10_000}
 def plan(rate, seeds, gpus):
     """Projected wall time of run_all.sh's paper runs at `rate` training images/s per GPU."""
     tables = configurations(False, {k: "ROOT" for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT")})
-    seen, lines = set(), ["| table | runs | training images per run | hours |", "| --- | --- | --- | --- |"]
+    seen, lines = set(), ["| table | runs | training images per run | hours per run | hours |",
+                          "| --- | --- | --- | --- | --- |"]
     total = 0.0
     for name, rows in tables.items():
-        runs, seconds, sizes = 0, 0.0, set()
+        runs, seconds, sizes, each = 0, 0.0, set(), []
         for _, flags in rows:
             if slug(flags) in seen:  # a row two tables share runs once
                 continue
@@ -91,10 +92,12 @@ def plan(rate, seeds, gpus):
             images = cfg["epochs"] * (per_epoch + TEST_IMAGES[data] / 3)
             runs += seeds
             seconds += seeds * images / rate
+            each.append(images / rate / 3600)
             sizes.add(f"{cfg['epochs']} x {per_epoch:,}")
         total += seconds
-        lines.append(f"| {name} | {runs} | {', '.join(sorted(sizes))} | {seconds / 3600:.1f} |")
-    lines.append(f"| all | | | **{total / 3600:.1f}** on 1 GPU; {total / 3600 / gpus:.1f} on {gpus} "
+        per_run = f"{min(each):.1f}" + (f"-{max(each):.1f}" if max(each) - min(each) >= 0.05 else "")
+        lines.append(f"| {name} | {runs} | {', '.join(sorted(sizes))} | {per_run} | {seconds / 3600:.1f} |")
+    lines.append(f"| all | | | | **{total / 3600:.1f}** on 1 GPU; {total / 3600 / gpus:.1f} on {gpus} "
                  f"if they scaled perfectly |")
     return "\n".join(lines)
 
