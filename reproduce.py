@@ -142,7 +142,7 @@ def configurations(quick, env):
 
 def real_configurations(folder, dev, ablations):
     """[(row label, flags, seeds)] of the real-face benchmark (or of its flip study, with dev); seeds is
-    "main", "ablation" (--seeds or --ablation-seeds of them) or 1 (a 112 px run costs ~3x a 64 px one)."""
+    "main", "ablation" (--seeds or --ablation-seeds of them) or 1 (the variants a 2-core CPU had time for once)."""
     train, test = ("devtrain", "devval") if dev else ("train", "test")
     data = REAL + ["--data-root", str(Path(folder) / f"BIWI_{train}.npz"),
                    "--val-data", "biwi", "--val-root", str(Path(folder) / f"BIWI_{test}.npz")]
@@ -158,7 +158,7 @@ def real_configurations(folder, dev, ablations):
                  ("HMTL 3x3 puzzle", base + ["--task", "puzzle", "--flag", "3", "--grid", "3"], "ablation"),
                  ("HMTL, flag 2", base + ["--task", "puzzle", "--flag", "2", "--grid", "2"], "ablation"),
                  ("HMTL, flag 4", base + ["--task", "puzzle", "--flag", "4", "--grid", "2"], "ablation"),
-                 ("HMTL, half of each batch puzzled", base + HMTL_2X2 + ["--ss-fraction", "0.5"], "ablation"),
+                 ("HMTL, half of each batch puzzled", base + HMTL_2X2 + ["--ss-fraction", "0.5"], 1),
                  ("SL, 112 px", large, 1),
                  ("HMTL, 112 px", large + HMTL_2X2, 1)]
     return rows
@@ -204,14 +204,18 @@ def evaluate_on(folder, name, flags):
 
 
 def mean_std(values):
+    """(mean, std, count) of the values given, or None."""
     values = [v for v in values if v is not None]
     if not values:
         return None
-    return float(np.mean(values)), float(np.std(values))
+    return float(np.mean(values)), float(np.std(values)), len(values)
 
 
 def cell(ms):
-    return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
+    """A table cell: mean ± std, or the value alone where one seed gives no spread."""
+    if ms is None:
+        return "–"
+    return f"{ms[0]:.2f}" if ms[2] == 1 else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
 def aggregate(summaries, key):
@@ -321,7 +325,8 @@ def write_tables(results, out, args):
         t4.append(f"| {k} | " + " | ".join(ours) + " | " + " | ".join(paper) + " |")
     full = ("full 2000 (ours)", lambda s: mean_std([x.get("full") for x in s]))
     biwi = ("BIWI (ours)", lambda s: mean_std([x.get("biwi") for x in s]))
-    text = (f"# Tables ({args.seeds} seed{'s' * (args.seeds > 1)} per row, mean ± std of the final model's MAE, "
+    spread = "mean ± std of " if args.seeds > 1 else ""
+    text = (f"# Tables ({args.seeds} seed{'s' * (args.seeds > 1)} per row, {spread}the final model's MAE, "
             f"degrees)\n\n{smoke}"
             f"## Table 1: ETH-XGaze, 1 training subject, validation subjects 108, 109, 111\n\n"
             f"{table('Table 1', rows('Table 1'), two_angles if not args.quick else ANGLES)}\n\n"
@@ -423,9 +428,9 @@ def real_table(results, args):
     split = ("BIWI development split: trained on sequences 01-12, tested on 13-16" if args.dev else
              "BIWI: trained on sequences 01-16, tested on 17-24")
     lines = [f"# {split}", "",
-             "ResNet18, 64 px (unless stated), 12 epochs, lr x0.1 after epoch 10, batch 64, catreg heads (3° bins, "
-             "α = 2), augmentation level 1, AdaBelief (rectified); MAE of the final model in degrees, mean ± std "
-             "over seeds; vs SL: the mean's change against the nearest SL row above.", "",
+             "ResNet18, 64 px and horizontal flips with p = 0.5 (unless stated), 12 epochs, lr x0.1 after epoch 10, "
+             "batch 64, catreg heads (3° bins, α = 2), augmentation level 1, AdaBelief (rectified); MAE of the final model in degrees, mean ± std "
+             "over seeds (the mean alone for one seed); vs SL: the mean's change against the nearest SL row above.", "",
              "| Row | seeds | yaw | pitch | roll | mean | per seed | vs SL |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     sl = None
     for label, summaries, _ in results:
