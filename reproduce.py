@@ -142,7 +142,7 @@ def configurations(quick, env):
 
 def real_configurations(folder, dev, ablations):
     """[(row label, flags, seeds)] of the real-face benchmark (or of its flip study, with dev); seeds is
-    "main", "ablation" (--seeds or --ablation-seeds of them) or 1 (the variants a 2-core CPU had time for once)."""
+    "main" (--seeds of them), "ablation" (--ablation-seeds) or "once" (what a 2-core CPU had time for)."""
     train, test = ("devtrain", "devval") if dev else ("train", "test")
     data = REAL + ["--data-root", str(Path(folder) / f"BIWI_{train}.npz"),
                    "--val-data", "biwi", "--val-root", str(Path(folder) / f"BIWI_{test}.npz")]
@@ -158,9 +158,9 @@ def real_configurations(folder, dev, ablations):
                  ("HMTL 3x3 puzzle", base + ["--task", "puzzle", "--flag", "3", "--grid", "3"], "ablation"),
                  ("HMTL, flag 2", base + ["--task", "puzzle", "--flag", "2", "--grid", "2"], "ablation"),
                  ("HMTL, flag 4", base + ["--task", "puzzle", "--flag", "4", "--grid", "2"], "ablation"),
-                 ("HMTL, half of each batch puzzled", base + HMTL_2X2 + ["--ss-fraction", "0.5"], 1),
-                 ("SL, 112 px", large, 1),
-                 ("HMTL, 112 px", large + HMTL_2X2, 1)]
+                 ("HMTL, half of each batch puzzled", base + HMTL_2X2 + ["--ss-fraction", "0.5"], "once"),
+                 ("SL, 112 px", large, "once"),
+                 ("HMTL, 112 px", large + HMTL_2X2, "once")]
     return rows
 
 
@@ -404,7 +404,7 @@ def real_faces(args):
     out.mkdir(parents=True, exist_ok=True)
     rows = real_configurations(args.real, args.dev, args.ablations)
     results = []
-    seeds = {"main": args.seeds, "ablation": args.ablation_seeds, 1: 1}
+    seeds = {"main": args.seeds, "ablation": args.ablation_seeds, "once": 1}
     total = sum(seeds[kind] for _, _, kind in rows)
     done = 0
     for label, flags, kind in rows:
