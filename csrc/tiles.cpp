@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "tiles_simd.h"
+#include "tiles_wide.h"
 
 namespace hmtl {
 
@@ -289,6 +290,36 @@ static void shuffle_normalize_cpu(const at::Tensor& x, const at::Tensor& perm, c
                    });
 }
 
+// ---------------------------------------------------------------------------- the CUDA kernel's block program, on the CPU
+
+// Runs tiles_wide.h's block program as the CUDA kernel does, block after block, each phase thread
+// after thread, into `out` (N x C x H x W with unit column strides); returns the word width it
+// chose. For tests: the indexing of the GPU kernel, checked on any machine.
+int64_t wide_kernel_on_cpu(const at::Tensor& x, const at::Tensor& perm, const at::Tensor& rot, const at::Tensor& out) {
+  const char* op = "wide_kernel_on_cpu";
+  check_image(op, x);
+  const Grid grid = check_tile_params(op, x.size(0), x.size(2), x.size(3), perm, rot, x.device());
+  check_out(op, out, x.sizes(), x.scalar_type(), x);
+  TORCH_CHECK_VALUE(x.stride(3) == 1 && out.stride(3) == 1, op, ": rows must be contiguous");
+  const int word = wide_word_bytes(x, out, grid);
+  const auto p = perm.contiguous(), r = rot.contiguous();
+  with_wide_types(x.element_size(), word, [&](auto zero, auto w) {
+    using E = decltype(zero);
+    constexpr int W = decltype(w)::value;
+    const WidePlan plan = wide_plan(x, out, grid, kWideSide<E>);
+    std::vector<E> shared(kWideSide<E> * (kWideSide<E> + 1));
+    for (int64_t b = 0; b < wide_blocks(x, plan); ++b) {
+      const WideSquare s = wide_square<E>(b, plan, p.const_data_ptr<int64_t>(), r.const_data_ptr<int64_t>());
+      for (int64_t tid = 0; tid < kWideThreads; ++tid)
+        wide_load<E, W>(s, plan, static_cast<const E*>(x.const_data_ptr()), shared.data(), tid, kWideThreads);
+      for (int64_t tid = 0; tid < kWideThreads; ++tid)
+        wide_store<E, W>(s, plan, shared.data(), static_cast<E*>(out.mutable_data_ptr()), tid, kWideThreads);
+    }
+  });
+  copy_off_grid(x, out, grid);
+  return word;
+}
+
 // ---------------------------------------------------------------------------- operators
 // Each op has an in-place `_out` form that writes into a preallocated `out` and returns
 // nothing (the form torch.library can functionalize), with one kernel per device, and a
@@ -381,6 +412,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the instruction sets this CPU can run the kernel with, best (the default) first");
   m.def("set_cpu_kernel_isa", &hmtl::set_cpu_kernel_isa,
         "run the CPU kernel with another instruction set this CPU has (tests and benchmarks)");
+  m.def("wide_kernel_on_cpu", &hmtl::wide_kernel_on_cpu,
+        "the CUDA kernel's block program run on the CPU into `out`; returns its word width in bytes (tests)",
+        pybind11::arg("x"), pybind11::arg("perm"), pybind11::arg("rot"), pybind11::arg("out"));
 #ifdef HMTL_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,7 +1,10 @@
-// CUDA kernels of hmtl's tile op, any memory format: a grid-stride loop over output pixels,
-// each thread moving one pixel's channels. Checks and semantics are shared with the CPU
-// kernels (tiles.h, tiles.cpp); the functional ops (registered once, in tiles.cpp) call these.
+// CUDA kernels of hmtl's tile op. Planes of contiguous rows (N x C x H x W, the common case) take
+// the square-by-square kernel of tiles_wide.h: wide loads into shared memory, wide stores out of
+// it. Other layouts (channels-last, strided views) and the fused op take a grid-stride loop over
+// output pixels, each thread moving one pixel's channels. Checks and semantics are shared with the
+// CPU kernels (tiles.h, tiles.cpp); the functional ops (registered once, in tiles.cpp) call these.
 #include "tiles.h"
+#include "tiles_wide.h"
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace hmtl {
 
@@ -37,6 +41,20 @@ __global__ void shuffle_kernel(const E* __restrict__ x, E* __restrict__ out, con
     E* d = out + img * os.n + i * os.h + j * os.w;
     for (int64_t ch = 0; ch < c; ++ch) d[ch * os.c] = s[ch * xs.c];
   }
+}
+
+// One block per S x S square of an output tile (tiles_wide.h): its source square into shared
+// memory, then out, W bytes per load and store.
+template <typename E, int W>
+__global__ void __launch_bounds__(kWideThreads)
+    shuffle_wide_kernel(const E* __restrict__ x, E* __restrict__ out, const int64_t* __restrict__ perm,
+                        const int64_t* __restrict__ rot, WidePlan plan) {
+  __shared__ E shared[kWideSide<E> * (kWideSide<E> + 1)];
+  const WideSquare s = wide_square<E>(blockIdx.x, plan, perm, rot);
+  CUDA_KERNEL_ASSERT(s.q >= 0 && s.q < plan.grid.g * plan.grid.g && s.k >= 0 && s.k <= 3);
+  wide_load<E, W>(s, plan, x, shared, threadIdx.x, blockDim.x);
+  __syncthreads();
+  wide_store<E, W>(s, plan, shared, out, threadIdx.x, blockDim.x);
 }
 
 template <typename T>
@@ -79,8 +97,22 @@ void shuffle_tiles_out_cuda(const at::Tensor& x, const at::Tensor& perm, const a
   const c10::cuda::CUDAGuard guard(x.device());
   if (!check) check_values_async(perm, rot);
   const auto p = perm.contiguous(), r = rot.contiguous();
-  const int threads = 256;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (x.stride(3) == 1 && out.stride(3) == 1) {
+    with_wide_types(x.element_size(), wide_word_bytes(x, out, grid), [&](auto zero, auto word) {
+      using E = decltype(zero);
+      const WidePlan plan = wide_plan(x, out, grid, kWideSide<E>);
+      const int64_t blocks = wide_blocks(x, plan);
+      TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks, " blocks are past CUDA's grid limit");
+      shuffle_wide_kernel<E, decltype(word)::value><<<static_cast<unsigned int>(blocks), kWideThreads, 0, stream>>>(
+          static_cast<const E*>(x.const_data_ptr()), static_cast<E*>(out.mutable_data_ptr()),
+          p.const_data_ptr<int64_t>(), r.const_data_ptr<int64_t>(), plan);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    copy_off_grid(x, out, grid);
+    return;
+  }
+  const int threads = 256;
   const auto launch = [&](auto zero) {
     using E = decltype(zero);
     shuffle_kernel<E><<<blocks_for(n * h * w, threads), threads, 0, stream>>>(

@@ -105,11 +105,12 @@ def test_extension_is_bit_exact_with_the_reference(shape, g, task, dtype, fmt, c
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 74, 112])
+@pytest.mark.parametrize("t", [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 74, 96, 97, 112, 128, 129])
 def test_every_turn_of_tiles_around_the_simd_block_sizes_is_bit_exact(t, dtype, device, cpu_isa):
     """The CPU kernel transposes turned tiles in 8 x 8 or 16 x 16 blocks and moves rows 32 bytes at
-    a time, the last block or vector overlapping the one before: tile sides on, below and above
-    those sizes (and a 224 px image's 74 and 112), one turn for all tiles, margins on two sides."""
+    a time (rows of 32-128 bytes as 1-4 unrolled vectors), the last block or vector overlapping the
+    one before: tile sides on, below and above those sizes (and a 224 px image's 74 and 112), one
+    turn for all tiles, margins on two sides."""
     x = random_images(2, 3, 2 * t + 1, 2 * t + 5, dtype, seed=t)
     perm = torch.tensor([[3, 0, 2, 1], [1, 2, 3, 0]])
     for k in range(4):
@@ -439,6 +440,79 @@ def test_auto_backend_falls_back_to_the_reference_with_one_warning(monkeypatch):
     with pytest.raises(ValueError, match="unknown tile-op backend 'fast'"):
         hmtl.shuffle_tiles(x, perm, rot, backend="fast")
     hmtl._warn_reference_backend.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel's block program, on the CPU
+# csrc/tiles_wide.h: wide_kernel_on_cpu runs the GPU kernel's code for planes of contiguous rows,
+# block by block and thread by thread, so its indexing is checked where no GPU is.
+
+# (x, g, the word width in bytes it must choose: the largest power of two up to 16 dividing the
+# base address, every stride and the tile side, in bytes, worked out by hand)
+def wide_cases():
+    f32, u8 = random_images(2, 3, 224, 224, torch.float32), random_images(2, 3, 224, 224, torch.uint8)
+    return [
+        (f32, 2, 16),  # t = 112: 448-byte tile rows, 896-byte image rows
+        (f32, 3, 8),  # t = 74: 296 = 8 x 37 bytes
+        (u8, 2, 16),  # 112 = 16 x 7 bytes
+        (u8, 3, 2),  # 74 bytes
+        (random_images(2, 3, 224, 224, torch.bfloat16), 3, 4),  # 148 bytes
+        (random_images(3, 2, 13, 17, torch.float32), 2, 4),  # rows of 17 floats
+        (random_images(2, 3, 70, 70, torch.uint8), 4, 1),  # t = 17
+        (random_images(1, 1, 8, 8, torch.float16), 1, 16),  # 16-byte rows
+        (f32[..., 1:], 3, 4),  # the view starts one float in
+        (u8[:, :, 1:, :], 2, 1),  # a row in (224 bytes, 16-divisible), but t = 111
+        (f32[:, 1:], 2, 16),  # a plane in
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("case", range(len(wide_cases())))
+def test_the_cuda_kernels_block_program_is_bit_exact_and_as_wide_as_the_layout_allows(case):
+    x, g, word = wide_cases()[case]
+    gen = torch.Generator().manual_seed(case)
+    perm, _ = hmtl.sample_tiles(x.shape[0], g, "puzzle", gen)
+    for rot in [torch.full_like(perm, k) for k in range(4)] + [torch.randint(0, 4, perm.shape, generator=gen)]:
+        out = torch.full_like(x, 7)
+        assert hmtl.tiles_ext.wide_kernel_on_cpu(x, perm, rot, out) == word
+        assert torch.equal(out, tile_by_tile(x, perm, rot)), rot[0].tolist()
+
+
+def cuda_home():
+    """As setup.py finds it: a directory holding include/cuda_runtime.h, or None."""
+    import os
+    import shutil
+    from pathlib import Path
+    nvcc = shutil.which("nvcc")
+    for c in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), nvcc and str(Path(nvcc).resolve().parents[1]),
+              "/usr/local/cuda"):
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return c
+    return None
+
+
+@pytest.mark.skipif(cuda_home() is None or torch.version.cuda is None, reason="needs nvcc and a CUDA build of torch")
+def test_the_cuda_kernel_moves_each_word_in_one_load_and_one_store(tmp_path):
+    """Compiled to PTX (no GPU needed): every shuffle_wide_kernel<E, W> reads and writes tile data
+    only in W-byte instructions -- a 16-byte word is ld/st .v4.u32, not four 4-byte moves."""
+    import re
+    import subprocess
+    from pathlib import Path
+    from torch.utils.cpp_extension import include_paths
+    root, home = Path(__file__).resolve().parents[1], cuda_home()
+    ptx = tmp_path / "tiles.ptx"
+    subprocess.run([f"{home}/bin/nvcc", "-std=c++20", "-O3", "-arch=sm_80", "--ptx", "-DHMTL_WITH_CUDA",
+                    f"-I{home}/include", *(f"-I{p}" for p in include_paths()), "-o", str(ptx),
+                    str(root / "csrc" / "tiles_cuda.cu")], check=True, capture_output=True)
+    text = ptx.read_text()
+    kind = {16: "v4.u32", 8: "v2.u32", 4: "u32", 2: "u16", 1: "u8"}
+    found = re.findall(r"\.entry (_ZN4hmtl19shuffle_wide_kernelI([hjt])Li(\d+)E\S*)\(", text)
+    assert {(e, int(w)) for _, e, w in found} == {(e, w) for e, size in (("h", 1), ("t", 2), ("j", 4))
+                                                  for w in (1, 2, 4, 8, 16) if w >= size}
+    for name, _, w in found:
+        body = text.split(f".entry {name}(", 1)[1].split(".entry", 1)[0]
+        loads = set(re.findall(r"ld\.global(?:\.nc)?\.(\S+)", body)) - {"u64"}  # u64: perm and rot
+        stores = set(re.findall(r"st\.global(?:\.cg)?\.(\S+)", body))
+        assert loads == stores == {kind[int(w)]}, (name, loads, stores)
 
 
 # ----------------------------------------------------------------------------- CUDA
