@@ -3,13 +3,19 @@
     python benchmarks/tiles.py [--rounds 3]          # CPU, 64x3x224x224, g = 2 and 3, rotations on
     python benchmarks/tiles.py --device cuda         # the same against a device-to-device copy
 
-Rows, each a median of --repeats with the paths taking turns (so drifts in machine speed hit
-them alike): a plain copy into a preallocated output (the floor), the extension writing into a
+Each row is a median of --repeats calls, the paths taking turns (so drifts in machine speed hit
+them alike), in one of two cache states, the same for every path of a table:
+  cold  before every timed call, a buffer 4x the last-level cache (the CPU's L3, the GPU's L2) is
+        copied, so x and out come from memory, as a batch fresh from a loader does;
+  warm  the paths follow each other with nothing between, each finding x and out where the one
+        before left them (in cache, where the batch fits).
+Rows: a plain copy into a preallocated output (the floor), the extension writing into a
 preallocated output (out=) and allocating its own, a per-image Python loop (tiles cut, turned and
 put back per image, as a data-loader transform does it) in the same two forms, and the PyTorch
-reference. Then the per-rotation cost, and the fused uint8 NHWC -> normalised float path against
-torch's permute + float + normalise (both allocating, and both writing into `out`). With --rounds R
-the whole measurement repeats and the summary gives each ratio's range over the rounds.
+reference (cold). Then the per-rotation cost (cold and warm), and the fused uint8 NHWC ->
+normalised float path against torch's permute + float + normalise (cold; both allocating, and both
+writing into `out`). With --rounds R the whole measurement repeats and the summary gives each
+ratio's range over the rounds.
 """
 import argparse
 import platform
@@ -25,16 +31,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, i
 import hmtl  # noqa: E402
 
 
-def timed(fns, device, repeats, warmup=3):
-    """Median milliseconds of each fn(), the functions taking turns so drifts hit them alike."""
+def last_level_cache_bytes(device):
+    """The GPU's L2, or the CPU's largest cache as Linux reports it (32 MiB when it says nothing)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+class Flusher:
+    """Evicts x and out from the caches: copies a buffer twice the last-level cache into another."""
+
+    def __init__(self, device):
+        n = 2 * last_level_cache_bytes(device)
+        self.src = torch.ones(n, dtype=torch.uint8, device=device)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self):
+        self.dst.copy_(self.src)
+
+
+def timed(fns, device, repeats, flush=None, warmup=3):
+    """Median milliseconds of each fn(), the functions taking turns so drifts hit them alike; with
+    `flush`, it runs (untimed) before every call."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
+            if flush is not None:
+                flush()
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
                 start.record()
                 fn()
                 end.record()
@@ -81,10 +114,13 @@ def machine(device):
 
 def one_round(args, device, ratios, show):
     n, s = args.batch, args.size
+    flush = Flusher(device)
     floor_name = "copy_ into out (floor)" if device.type == "cpu" else "device-to-device copy_ (floor)"
     say = print if show else (lambda *a, **k: None)
+    say("Cold: x and out come from memory\n")
     say("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
+    warm = []
     for dtype in (torch.float32, torch.uint8):
         name = str(dtype).replace("torch.", "")
         x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
@@ -99,32 +135,43 @@ def one_round(args, device, ratios, show):
                          ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext")),
                          ("per-image loop, allocating", lambda: per_image_loop(x, perm, rot))]
             rows += [("PyTorch reference, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch"))]
-            times = dict(zip([r[0] for r in rows], timed([fn for _, fn in rows], device, args.repeats)))
+            times = dict(zip([r[0] for r in rows], timed([fn for _, fn in rows], device, args.repeats, flush)))
             for path, ms in times.items():
                 say(f"| {name} | {g} | {path} | {ms:.2f} | {ms / times[floor_name]:.2f} |")
             if hmtl.tiles_ext is not None:
-                ratios[f"{name}, g = {g}: extension out= / copy_"].append(times["extension, out="] / times[floor_name])
+                ratios[f"{name}, g = {g}: extension out= / copy_, cold"].append(
+                    times["extension, out="] / times[floor_name])
                 ratios[f"{name}, g = {g}: loop / extension, both out="].append(
                     times["per-image loop, out="] / times["extension, out="])
                 ratios[f"{name}, g = {g}: loop / extension, both allocating"].append(
                     times["per-image loop, allocating"] / times["extension, allocating"])
+                copy_ms, ext_ms = timed([rows[0][1], rows[1][1]], device, args.repeats)
+                warm.append((name, g, copy_ms, ext_ms))
+                ratios[f"{name}, g = {g}: extension out= / copy_, warm"].append(ext_ms / copy_ms)
 
-    if hmtl.tiles_ext is not None:
-        say("\nWhere the time goes: g = 3, every tile turned by the same k, out=, as a ratio to copy_\n")
-        say("| input | 0° | 90° | 180° | 270° |\n| --- | --- | --- | --- | --- |")
-        for dtype in (torch.float32, torch.uint8):
-            name = str(dtype).replace("torch.", "")
-            x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
-            out = torch.empty_like(x)
-            perm = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)[0]
-            turned = [torch.full_like(perm, k) for k in range(4)]
-            fns = [lambda: out.copy_(x)] + [lambda r=r: hmtl.shuffle_tiles(x, perm, r, "ext", out=out) for r in turned]
-            times = timed(fns, device, args.repeats)
-            say(f"| {name} | " + " | ".join(f"{ms / times[0]:.2f}" for ms in times[1:]) + " |")
+    if hmtl.tiles_ext is None:
+        return
+    say("\nWarm: the extension (out=) and copy_ taking turns, nothing between\n")
+    say("| input | g | copy_ ms | extension ms | x copy_ |\n| --- | --- | --- | --- | --- |")
+    for name, g, copy_ms, ext_ms in warm:
+        say(f"| {name} | {g} | {copy_ms:.3f} | {ext_ms:.3f} | {ext_ms / copy_ms:.2f} |")
+
+    say("\nWhere the time goes: g = 3, every tile turned by the same k, out=, as a ratio to copy_\n")
+    say("| input | cache | 0° | 90° | 180° | 270° |\n| --- | --- | --- | --- | --- | --- |")
+    for dtype in (torch.float32, torch.uint8):
+        name = str(dtype).replace("torch.", "")
+        x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
+        out = torch.empty_like(x)
+        perm = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)[0]
+        turned = [torch.full_like(perm, k) for k in range(4)]
+        fns = [lambda: out.copy_(x)] + [lambda r=r: hmtl.shuffle_tiles(x, perm, r, "ext", out=out) for r in turned]
+        for cache, flushing in (("cold", flush), ("warm", None)):
+            times = timed(fns, device, args.repeats, flushing)
+            say(f"| {name} | {cache} | " + " | ".join(f"{ms / times[0]:.2f}" for ms in times[1:]) + " |")
             for k, ms in enumerate(times[1:]):
-                ratios[f"{name}, g = 3, all tiles turned {90 * k}°: / copy_"].append(ms / times[0])
+                ratios[f"{name}, g = 3, all tiles turned {90 * k}°, {cache}: / copy_"].append(ms / times[0])
 
-    say(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on\n")
+    say(f"\nFused uint8 {n}x{s}x{s}x3 -> normalised float32 {n}x3x{s}x{s} (channels_last), g = 3, rotations on, cold\n")
     say("| path | ms | x torch, alike |\n| --- | --- | --- |")
     x = torch.randint(0, 256, (n, s, s, 3), dtype=torch.uint8, generator=gen).to(device)
     perm, rot = hmtl.sample_tiles(n, 3, "puzzle", generator=gen, device=device)
@@ -133,18 +180,16 @@ def one_round(args, device, ratios, show):
     std = torch.tensor(hmtl.IMAGENET_STD, device=device)[:, None, None]
     out = torch.empty(n, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
     rows = [("torch: permute + float + normalise, allocating", lambda: x.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)),
-            ("torch: the same into out", lambda: out.copy_(x.permute(0, 3, 1, 2)).div_(255).sub_(mean).div_(std))]
-    if hmtl.tiles_ext is not None:
-        rows += [("fused extension, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext")),
-                 ("fused extension, out=", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext", out=out))]
-    rows += [("fused PyTorch reference, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="torch"))]
-    times = timed([fn for _, fn in rows], device, args.repeats)
+            ("torch: the same into out", lambda: out.copy_(x.permute(0, 3, 1, 2)).div_(255).sub_(mean).div_(std)),
+            ("fused extension, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext")),
+            ("fused extension, out=", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="ext", out=out)),
+            ("fused PyTorch reference, allocating", lambda: hmtl.shuffle_tiles_normalize(x, perm, rot, backend="torch"))]
+    times = timed([fn for _, fn in rows], device, args.repeats, flush)
     alike = [0, 1, 0, 1, 0]
     for (path, _), ms, base in zip(rows, times, alike):
         say(f"| {path} | {ms:.2f} | {ms / times[base]:.2f} |")
-    if hmtl.tiles_ext is not None:
-        ratios["fused / torch, both allocating"].append(times[2] / times[0])
-        ratios["fused / torch, both out="].append(times[3] / times[1])
+    ratios["fused / torch, both allocating"].append(times[2] / times[0])
+    ratios["fused / torch, both out="].append(times[3] / times[1])
 
 
 def main():
@@ -157,7 +202,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"tile op on {device}: {machine(device)}; {args.batch}x3x{args.size}x{args.size}, rotations on, "
-          f"median of {args.repeats}, paths taking turns; torch {torch.__version__}\n")
+          f"median of {args.repeats}, paths taking turns; last-level cache "
+          f"{last_level_cache_bytes(device) >> 20} MiB; torch {torch.__version__}\n")
     ratios = defaultdict(list)
     for r in range(args.rounds):
         one_round(args, device, ratios, show=r == args.rounds - 1)
