@@ -310,9 +310,9 @@ int64_t wide_kernel_on_cpu(const at::Tensor& x, const at::Tensor& perm, const at
     std::vector<E> shared(kWideSide<E> * (kWideSide<E> + 1));
     for (int64_t b = 0; b < wide_blocks(x, plan); ++b) {
       const WideSquare s = wide_square<E>(b, plan, p.const_data_ptr<int64_t>(), r.const_data_ptr<int64_t>());
-      for (int64_t tid = 0; tid < kWideThreads; ++tid)
+      for (int tid = 0; tid < kWideThreads; ++tid)
         wide_load<E, W>(s, plan, static_cast<const E*>(x.const_data_ptr()), shared.data(), tid, kWideThreads);
-      for (int64_t tid = 0; tid < kWideThreads; ++tid)
+      for (int tid = 0; tid < kWideThreads; ++tid)
         wide_store<E, W>(s, plan, shared.data(), static_cast<E*>(out.mutable_data_ptr()), tid, kWideThreads);
     }
   });

@@ -134,32 +134,33 @@ C10_HOST_DEVICE inline void store_word(E* at, typename WideWord<W>::type w) {
 // (row r, column c at r * (S + 1) + c; the extra column spreads turned reads over the banks).
 template <typename E, int W>
 C10_HOST_DEVICE inline void wide_load(const WideSquare& s, const WidePlan& plan, const E* __restrict__ x,
-                                      E* __restrict__ shared, int64_t tid, int64_t threads) {
-  constexpr int64_t S = kWideSide<E>, V = W / sizeof(E);
+                                      E* __restrict__ shared, int tid, int threads) {
+  constexpr int S = kWideSide<E>, V = W / sizeof(E);
   const bool even = s.k % 2 == 0;
-  const int64_t rows = even ? s.i1 - s.i0 : s.j1 - s.j0, cols = even ? s.j1 - s.j0 : s.i1 - s.i0;
-  const int64_t words = cols / V;
-  for (int64_t u = tid; u < rows * words; u += threads) {
-    const int64_t r = u / words, c = (u % words) * V;
+  const int rows = even ? s.i1 - s.i0 : s.j1 - s.j0, cols = even ? s.j1 - s.j0 : s.i1 - s.i0;
+  const int words = cols / V;
+  for (int u = tid; u < rows * words; u += threads) {  // 32-bit: GPUs emulate 64-bit division at length
+    const int r = u / words, c = (u % words) * V;
     E e[V];
     unpack_word<E, W>(*reinterpret_cast<const typename WideWord<W>::type*>(x + s.x0 + (s.si0 + r) * plan.xs.h + s.sj0 + c), e);
-    for (int64_t q = 0; q < V; ++q) shared[r * (S + 1) + c + q] = e[q];
+    for (int q = 0; q < V; ++q) shared[r * (S + 1) + c + q] = e[q];
   }
 }
 
 // Phase 2: thread `tid` of `threads` writes its words of the output square from `shared`.
 template <typename E, int W>
 C10_HOST_DEVICE inline void wide_store(const WideSquare& s, const WidePlan& plan, const E* __restrict__ shared,
-                                       E* __restrict__ out, int64_t tid, int64_t threads) {
-  constexpr int64_t S = kWideSide<E>, V = W / sizeof(E);
-  const int64_t t = plan.grid.t, words = (s.j1 - s.j0) / V;
-  for (int64_t u = tid; u < (s.i1 - s.i0) * words; u += threads) {
+                                       E* __restrict__ out, int tid, int threads) {
+  constexpr int S = kWideSide<E>, V = W / sizeof(E);
+  const int64_t t = plan.grid.t;
+  const int words = (s.j1 - s.j0) / V;
+  for (int u = tid; u < (s.i1 - s.i0) * words; u += threads) {
     const int64_t i = s.i0 + u / words, j = s.j0 + (u % words) * V;
     // Output row i read along the source tile as if shared memory held all of it, S + 1 apart.
     const Line line = source_line(s.k, i, t, S + 1, 1);
     const int64_t base = line.start - s.si0 * (S + 1) - s.sj0;
     E e[V];
-    for (int64_t q = 0; q < V; ++q) e[q] = shared[base + (j + q) * line.step];
+    for (int q = 0; q < V; ++q) e[q] = shared[base + (j + q) * line.step];
     store_word<W>(out + s.o0 + i * plan.os.h + j, pack_word<E, W>(e));
   }
 }
