@@ -12,7 +12,8 @@ them alike), in one of two cache states, the same for every path of a table:
 Rows: a plain copy into a preallocated output (the floor), the extension writing into a
 preallocated output (out=) and allocating its own, a per-image Python loop (tiles cut, turned and
 put back per image, as a data-loader transform does it) in the same two forms, and the PyTorch
-reference (cold). Then the per-rotation cost (cold and warm), and the fused uint8 NHWC ->
+reference (cold). On a GPU, the shuffle kernel's own device time against the copy's (profiler).
+Then the per-rotation cost (cold and warm), and the fused uint8 NHWC ->
 normalised float path against torch's permute + float + normalise (cold; both allocating, and both
 writing into `out`). With --rounds R the whole measurement repeats and the summary gives each
 ratio's range over the rounds.
@@ -78,6 +79,22 @@ def timed(fns, device, repeats, flush=None, warmup=3):
                 fn()
                 ts.append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(ts) for ts in times]
+
+
+def kernel_ms(fn, name_part, repeats):
+    """Mean device milliseconds per call of fn() spent in the CUDA kernels (or copies) whose name
+    holds `name_part`, from torch.profiler: the kernel alone, without the host's part of the call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    found = [e for e in prof.key_averages() if name_part in e.key]
+    if not found:
+        raise RuntimeError(f"the profiler saw no kernel named like {name_part!r}")
+    return sum(e.self_device_time_total for e in found) / repeats / 1e3
 
 
 def per_image_loop(x, perm, rot, out=None):
@@ -151,6 +168,25 @@ def one_round(args, device, ratios, show):
 
     if hmtl.tiles_ext is None:
         return
+    if device.type == "cuda":
+        say("\nThe kernels alone (torch.profiler device time; the off-grid copies and device-side checks "
+            "left out): the shuffle kernel against the device-to-device copy\n")
+        say("| input | g | copy ms | shuffle kernel ms | x copy |\n| --- | --- | --- | --- | --- |")
+        try:
+            for dtype in (torch.float32, torch.uint8):
+                name = str(dtype).replace("torch.", "")
+                x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
+                out = torch.empty_like(x)
+                for g in (2, 3):
+                    perm, rot = hmtl.sample_tiles(n, g, "puzzle", generator=gen, device=device)
+                    rot = torch.randint(0, 4, rot.shape, generator=gen).to(device)
+                    copy_ms = kernel_ms(lambda: out.copy_(x), "Memcpy DtoD", args.repeats)
+                    op_ms = kernel_ms(lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out, check=False),
+                                      "hmtl::shuffle", args.repeats)
+                    say(f"| {name} | {g} | {copy_ms:.3f} | {op_ms:.3f} | {op_ms / copy_ms:.2f} |")
+                    ratios[f"{name}, g = {g}: shuffle kernel / copy, kernels alone"].append(op_ms / copy_ms)
+        except Exception as e:  # noqa: BLE001 -- a profiler that sees nothing must not cost the other figures
+            say(f"(not measured: {e})")
     say("\nWarm: the extension (out=) and copy_ taking turns, nothing between\n")
     say("| input | g | copy_ ms | extension ms | x copy_ |\n| --- | --- | --- | --- | --- |")
     for name, g, copy_ms, ext_ms in warm:
