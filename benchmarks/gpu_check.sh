@@ -2,7 +2,7 @@
 # Everything the README still lacks from a GPU, in one run (sized for ~10 minutes on one H200):
 # build the extension with CUDA, run the CUDA tests, then print the tile op against a
 # device-to-device copy (Python call and kernel alone), the SL and HMTL training steps against
-# torchvision's (eager and torch.compile), and the loader with every core of the machine.
+# torchvision's (eager, torch.compile, CUDA graphs), and the loader with every core of the machine.
 #
 #     bash benchmarks/gpu_check.sh [AFLW2000 folder]      # the folder only for the loader figure
 #
@@ -22,11 +22,13 @@ step python -m pytest -q tests/test_tiles.py -k cuda
 step python -m pytest -q tests/test_training.py -k gpu
 step python benchmarks/tiles.py --device cuda --rounds 2
 step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20
-step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20 --compile
 root=${1:-../shared/data/aflw2000-sample}
 if [ -d "$root" ]; then
   step python benchmarks/loading.py --root "$root" --workers "$(nproc)"
 else
   echo "== loader figure skipped: no AFLW2000 folder at $root"
 fi
+# Last, as the slowest to start (each compiles three ResNet50s): torch.compile, then CUDA graphs.
+step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20 --compile
+step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20 --compile reduce-overhead
 exit $status

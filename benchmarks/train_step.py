@@ -8,8 +8,9 @@ gets it already normalised (no augmentation, no tiles) and trains torchvision's 
 with one 3 x 66-way linear layer; SL and HMTL steps run hmtl.prepare (augmentation
 on the device + the fused tile op) and hmtl's losses. All use hmtl.AdaBelief. The three
 alternate step by step, so drifts in machine speed hit them alike; each figure is a
-median, printed as images/s and as a ratio to the plain step. --compile runs each network
-through torch.compile (the tile op stays outside the compiled graph).
+median, printed as images/s and as a ratio to the plain step. --compile [MODE] runs each network
+through torch.compile (the tile op stays outside the compiled graph); --compile reduce-overhead
+replays it as CUDA graphs on a GPU.
 """
 import argparse
 import statistics
@@ -40,7 +41,8 @@ def main():
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", default="data/cache")
-    p.add_argument("--compile", action="store_true", help="torch.compile each network")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile each network, in this mode (reduce-overhead: CUDA graphs on a GPU)")
     args = p.parse_args()
 
     cfg = hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args([
@@ -56,7 +58,7 @@ def main():
     def trainer(model, loss_of):
         model = model.to(rt.device, memory_format=torch.channels_last)
         optimizer = hmtl.AdaBelief(model.parameters())
-        model = torch.compile(model) if args.compile else model
+        model = torch.compile(model, mode=args.compile) if args.compile else model
 
         def step(i):
             with rt.autocast():
@@ -99,7 +101,7 @@ def main():
                 times[name].append(time.perf_counter() - t0)
 
     print(f"{args.arch}, {args.img_size} px, batch {n}, aug {args.aug}, amp {rt.amp}"
-          f"{', torch.compile' if args.compile else ''}, on {rt.device}: {machine(rt.device)}; median of "
+          f"{f', torch.compile ({args.compile})' if args.compile else ''}, on {rt.device}: {machine(rt.device)}; median of "
           f"{args.steps} steps\n")
     print("| step | ms | images/s | x plain |\n| --- | --- | --- | --- |")
     base = None
