@@ -26,12 +26,11 @@ constexpr int kWideThreads = 256;
 
 // One W-byte word: a CUDA vector type on the device (one wide load or store), the same layout on
 // the host.
-#ifdef __CUDACC__
 template <int W> struct WideWord;
+#ifdef __CUDACC__
 template <> struct WideWord<16> { using type = uint4; };
 template <> struct WideWord<8> { using type = uint2; };
 #else
-template <int W> struct WideWord;
 template <> struct WideWord<16> { struct alignas(16) type { uint32_t x, y, z, w; }; };
 template <> struct WideWord<8> { struct alignas(8) type { uint32_t x, y; }; };
 #endif
@@ -39,43 +38,12 @@ template <> struct WideWord<4> { using type = uint32_t; };
 template <> struct WideWord<2> { using type = uint16_t; };
 template <> struct WideWord<1> { using type = uint8_t; };
 
-// Words are built from and taken apart into 32-bit lanes of elements (little-endian, as the GPU
-// and x86 store them): through a union or memcpy, nvcc splits a 16-byte store of four floats into
-// four 4-byte ones.
-template <typename E>
-C10_HOST_DEVICE inline uint32_t pack_lane(const E* e, int count) {
-  uint32_t v = 0;
-  for (int q = 0; q < count; ++q) v |= static_cast<uint32_t>(e[q]) << (8 * sizeof(E) * q);
-  return v;
-}
-
-template <typename E>
-C10_HOST_DEVICE inline void unpack_lane(uint32_t v, E* e, int count) {
-  for (int q = 0; q < count; ++q) e[q] = static_cast<E>(v >> (8 * sizeof(E) * q));
-}
-
+// A word seen as its W / sizeof(E) elements.
 template <typename E, int W>
-C10_HOST_DEVICE inline typename WideWord<W>::type pack_word(const E* e) {
-  constexpr int L = 4 / sizeof(E);  // elements per lane
-  if constexpr (W == 16)
-    return {pack_lane(e, L), pack_lane(e + L, L), pack_lane(e + 2 * L, L), pack_lane(e + 3 * L, L)};
-  else if constexpr (W == 8)
-    return {pack_lane(e, L), pack_lane(e + L, L)};
-  else
-    return static_cast<typename WideWord<W>::type>(pack_lane(e, W / sizeof(E)));
-}
-
-template <typename E, int W>
-C10_HOST_DEVICE inline void unpack_word(typename WideWord<W>::type w, E* e) {
-  constexpr int L = 4 / sizeof(E);
-  if constexpr (W == 16) {
-    unpack_lane(w.x, e, L), unpack_lane(w.y, e + L, L), unpack_lane(w.z, e + 2 * L, L), unpack_lane(w.w, e + 3 * L, L);
-  } else if constexpr (W == 8) {
-    unpack_lane(w.x, e, L), unpack_lane(w.y, e + L, L);
-  } else {
-    unpack_lane(static_cast<uint32_t>(w), e, W / sizeof(E));
-  }
-}
+union WideElements {
+  typename WideWord<W>::type word;
+  E e[W / sizeof(E)];
+};
 
 struct WidePlan {
   Grid grid;
@@ -119,8 +87,8 @@ C10_HOST_DEVICE inline WideSquare wide_square(int64_t b, const WidePlan& plan, c
 }
 
 // Writes one word. On the device through __stcg (a store that bypasses L1: the block never reads
-// it back), which keeps it one instruction where a plain assignment of four lanes read from shared
-// memory compiled to four.
+// it back), which keeps it one instruction: a plain assignment of a word gathered from shared
+// memory compiled to one store per element.
 template <int W, typename E>
 C10_HOST_DEVICE inline void store_word(E* at, typename WideWord<W>::type w) {
 #ifdef __CUDA_ARCH__
@@ -141,9 +109,9 @@ C10_HOST_DEVICE inline void wide_load(const WideSquare& s, const WidePlan& plan,
   const int words = cols / V;
   for (int u = tid; u < rows * words; u += threads) {  // 32-bit: GPUs emulate 64-bit division at length
     const int r = u / words, c = (u % words) * V;
-    E e[V];
-    unpack_word<E, W>(*reinterpret_cast<const typename WideWord<W>::type*>(x + s.x0 + (s.si0 + r) * plan.xs.h + s.sj0 + c), e);
-    for (int q = 0; q < V; ++q) shared[r * (S + 1) + c + q] = e[q];
+    WideElements<E, W> v;
+    v.word = *reinterpret_cast<const typename WideWord<W>::type*>(x + s.x0 + (s.si0 + r) * plan.xs.h + s.sj0 + c);
+    for (int q = 0; q < V; ++q) shared[r * (S + 1) + c + q] = v.e[q];
   }
 }
 
@@ -159,9 +127,9 @@ C10_HOST_DEVICE inline void wide_store(const WideSquare& s, const WidePlan& plan
     // Output row i read along the source tile as if shared memory held all of it, S + 1 apart.
     const Line line = source_line(s.k, i, t, S + 1, 1);
     const int64_t base = line.start - s.si0 * (S + 1) - s.sj0;
-    E e[V];
-    for (int q = 0; q < V; ++q) e[q] = shared[base + (j + q) * line.step];
-    store_word<W>(out + s.o0 + i * plan.os.h + j, pack_word<E, W>(e));
+    WideElements<E, W> v;
+    for (int q = 0; q < V; ++q) v.e[q] = shared[base + (j + q) * line.step];
+    store_word<W>(out + s.o0 + i * plan.os.h + j, v.word);
   }
 }
 
