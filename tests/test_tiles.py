@@ -500,9 +500,10 @@ def test_the_cuda_kernel_moves_each_word_in_one_load_and_one_store(tmp_path):
     from torch.utils.cpp_extension import include_paths
     root, home = Path(__file__).resolve().parents[1], cuda_home()
     ptx = tmp_path / "tiles.ptx"
-    subprocess.run([f"{home}/bin/nvcc", "-std=c++20", "-O3", "-arch=sm_80", "--ptx", "-DHMTL_WITH_CUDA",
-                    f"-I{home}/include", *(f"-I{p}" for p in include_paths()), "-o", str(ptx),
-                    str(root / "csrc" / "tiles_cuda.cu")], check=True, capture_output=True)
+    nvcc = subprocess.run([f"{home}/bin/nvcc", "-std=c++20", "-O3", "-arch=sm_80", "--ptx", "-DHMTL_WITH_CUDA",
+                           f"-I{home}/include", *(f"-I{p}" for p in include_paths()), "-o", str(ptx),
+                           str(root / "csrc" / "tiles_cuda.cu")], capture_output=True, text=True)
+    assert nvcc.returncode == 0, nvcc.stderr[-3000:]
     text = ptx.read_text()
 
     def width(kind):  # the bytes one instruction moves: "v4.u32" -> 16, "v2.u8" -> 2, "u16" -> 2
