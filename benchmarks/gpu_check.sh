@@ -22,11 +22,10 @@ step python -m pytest -q tests/test_tiles.py -k cuda
 step python -m pytest -q tests/test_training.py -k gpu
 step python benchmarks/tiles.py --device cuda --rounds 2
 step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20
-root=${1:-../shared/data/aflw2000-sample}
-if [ -d "$root" ]; then
-  step python benchmarks/loading.py --root "$root" --workers "$(nproc)"
+if [ $# -ge 1 ]; then
+  step python benchmarks/loading.py --root "$1" --workers "$(nproc)"
 else
-  echo "== loader figure skipped: no AFLW2000 folder at $root"
+  echo "== loader figure skipped: give an AFLW2000 / 300W-LP folder as the argument"
 fi
 # Last, as the slowest to start (each compiles three ResNet50s): torch.compile, then CUDA graphs.
 step python benchmarks/train_step.py --device cuda --batch-size 64 --steps 20 --compile

@@ -129,6 +129,17 @@ def machine(device):
     return f"{name}, {torch.get_num_threads()} threads, kernel {isa}"
 
 
+def batches(n, s, device, gen):
+    """(dtype name, g, x, out, perm, rot) for float32 and uint8 batches at g = 2 and 3, every tile turned."""
+    for dtype in (torch.float32, torch.uint8):
+        x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
+        out = torch.empty_like(x)
+        for g in (2, 3):
+            perm, _ = hmtl.sample_tiles(n, g, "puzzle", generator=gen, device=device)
+            rot = torch.randint(0, 4, perm.shape, generator=gen).to(device)
+            yield str(dtype).replace("torch.", ""), g, x, out, perm, rot
+
+
 def one_round(args, device, ratios, show):
     n, s = args.batch, args.size
     flush = Flusher(device)
@@ -138,33 +149,27 @@ def one_round(args, device, ratios, show):
     say("| input | g | path | ms | x floor |\n| --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
     warm = []
-    for dtype in (torch.float32, torch.uint8):
-        name = str(dtype).replace("torch.", "")
-        x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
-        out = torch.empty_like(x)
-        for g in (2, 3):
-            perm, rot = hmtl.sample_tiles(n, g, "puzzle", generator=gen, device=device)
-            rot = torch.randint(0, 4, rot.shape, generator=gen).to(device)
-            rows = [(floor_name, lambda: out.copy_(x))]
-            if hmtl.tiles_ext is not None:
-                rows += [("extension, out=", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out)),
-                         ("per-image loop, out=", lambda: per_image_loop(x, perm, rot, out)),
-                         ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext")),
-                         ("per-image loop, allocating", lambda: per_image_loop(x, perm, rot))]
-            rows += [("PyTorch reference, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch"))]
-            times = dict(zip([r[0] for r in rows], timed([fn for _, fn in rows], device, args.repeats, flush)))
-            for path, ms in times.items():
-                say(f"| {name} | {g} | {path} | {ms:.2f} | {ms / times[floor_name]:.2f} |")
-            if hmtl.tiles_ext is not None:
-                ratios[f"{name}, g = {g}: extension out= / copy_, cold"].append(
-                    times["extension, out="] / times[floor_name])
-                ratios[f"{name}, g = {g}: loop / extension, both out="].append(
-                    times["per-image loop, out="] / times["extension, out="])
-                ratios[f"{name}, g = {g}: loop / extension, both allocating"].append(
-                    times["per-image loop, allocating"] / times["extension, allocating"])
-                copy_ms, ext_ms = timed([rows[0][1], rows[1][1]], device, args.repeats)
-                warm.append((name, g, copy_ms, ext_ms))
-                ratios[f"{name}, g = {g}: extension out= / copy_, warm"].append(ext_ms / copy_ms)
+    for name, g, x, out, perm, rot in batches(n, s, device, gen):
+        rows = [(floor_name, lambda: out.copy_(x))]
+        if hmtl.tiles_ext is not None:
+            rows += [("extension, out=", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out)),
+                     ("per-image loop, out=", lambda: per_image_loop(x, perm, rot, out)),
+                     ("extension, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "ext")),
+                     ("per-image loop, allocating", lambda: per_image_loop(x, perm, rot))]
+        rows += [("PyTorch reference, allocating", lambda: hmtl.shuffle_tiles(x, perm, rot, "torch"))]
+        times = dict(zip([r[0] for r in rows], timed([fn for _, fn in rows], device, args.repeats, flush)))
+        for path, ms in times.items():
+            say(f"| {name} | {g} | {path} | {ms:.2f} | {ms / times[floor_name]:.2f} |")
+        if hmtl.tiles_ext is not None:
+            ratios[f"{name}, g = {g}: extension out= / copy_, cold"].append(
+                times["extension, out="] / times[floor_name])
+            ratios[f"{name}, g = {g}: loop / extension, both out="].append(
+                times["per-image loop, out="] / times["extension, out="])
+            ratios[f"{name}, g = {g}: loop / extension, both allocating"].append(
+                times["per-image loop, allocating"] / times["extension, allocating"])
+            copy_ms, ext_ms = timed([rows[0][1], rows[1][1]], device, args.repeats)
+            warm.append((name, g, copy_ms, ext_ms))
+            ratios[f"{name}, g = {g}: extension out= / copy_, warm"].append(ext_ms / copy_ms)
 
     if hmtl.tiles_ext is None:
         return
@@ -173,18 +178,12 @@ def one_round(args, device, ratios, show):
             "left out): the shuffle kernel against the device-to-device copy\n")
         say("| input | g | copy ms | shuffle kernel ms | x copy |\n| --- | --- | --- | --- | --- |")
         try:
-            for dtype in (torch.float32, torch.uint8):
-                name = str(dtype).replace("torch.", "")
-                x = (torch.rand(n, 3, s, s, generator=gen) * 255).to(dtype).to(device)
-                out = torch.empty_like(x)
-                for g in (2, 3):
-                    perm, rot = hmtl.sample_tiles(n, g, "puzzle", generator=gen, device=device)
-                    rot = torch.randint(0, 4, rot.shape, generator=gen).to(device)
-                    copy_ms = kernel_ms(lambda: out.copy_(x), "Memcpy DtoD", args.repeats)
-                    op_ms = kernel_ms(lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out, check=False),
-                                      "hmtl::shuffle", args.repeats)
-                    say(f"| {name} | {g} | {copy_ms:.3f} | {op_ms:.3f} | {op_ms / copy_ms:.2f} |")
-                    ratios[f"{name}, g = {g}: shuffle kernel / copy, kernels alone"].append(op_ms / copy_ms)
+            for name, g, x, out, perm, rot in batches(n, s, device, gen):
+                copy_ms = kernel_ms(lambda: out.copy_(x), "Memcpy DtoD", args.repeats)
+                op_ms = kernel_ms(lambda: hmtl.shuffle_tiles(x, perm, rot, "ext", out=out, check=False),
+                                  "hmtl::shuffle", args.repeats)
+                say(f"| {name} | {g} | {copy_ms:.3f} | {op_ms:.3f} | {op_ms / copy_ms:.2f} |")
+                ratios[f"{name}, g = {g}: shuffle kernel / copy, kernels alone"].append(op_ms / copy_ms)
         except Exception as e:  # noqa: BLE001 -- a profiler that sees nothing must not cost the other figures
             say(f"(not measured: {e})")
     say("\nWarm: the extension (out=) and copy_ taking turns, nothing between\n")
