@@ -1133,6 +1133,7 @@ VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2
 # --eval-only may (which set it evaluates, and how it is read).
 RESUMABLE = {"epochs", "workers", "device", "cache", "data_root", "val_root"}
 EVALUATION = {"val_data", "val_root", "aflw2000_reduced", "crop", "cache", "workers", "device", "batch_size"}
+USE = {"predict": {"predict", "checkpoint", "boxes", "out", "device"}, "export": {"export", "checkpoint"}}
 PROG = "hmtl.py"
 
 
@@ -1359,7 +1360,13 @@ def run_command(given):
             if "val_data" in given and "val_root" not in given:
                 overrides["val_root"] = cfg["data_root"] if given["val_data"] == cfg["data"] else None
             return evaluate_checkpoint(given["checkpoint"], state, overrides)
+        unused = [f"--{k.replace('_', '-')}" for k in given if k not in USE[action]]
+        if unused:
+            raise UsageError(f"--{action} uses only {', '.join('--' + k for k in sorted(USE[action] - {action}))}; "
+                             f"it would ignore {', '.join(unused)}")
         return {"predict": predict, "export": export}[action]({"device": "auto", **given})
+    if "boxes" in given:
+        raise UsageError("--boxes crops the images given to --predict; without --predict it has nothing to crop")
     cfg = resolve_config(given)
     if "preview" in given:
         return preview(cfg, given["preview"])

@@ -334,6 +334,11 @@ BAD_FLAGS = [
     (["--no-ssh"], "--no-ssh needs a --task"),
     (["--resume", "--overwrite"], "--resume continues a run and --overwrite replaces it"),
     (["--synthetic-train", "10", "--batch-size", "16"], "--synthetic-train 10 (less --holdout) makes no batch of 16"),
+    (["--predict", "face.png", "--checkpoint", "best.pt", "--lr", "0.1", "--img-size", "64"],
+     "--predict uses only --boxes, --checkpoint, --device, --out; it would ignore --lr, --img-size"),
+    (["--export", "exported", "--checkpoint", "best.pt", "--out", "elsewhere"],
+     "--export uses only --checkpoint; it would ignore --out"),
+    (["--boxes", "boxes.csv"], "--boxes crops the images given to --predict"),
 ]
 
 
