@@ -5,8 +5,8 @@
 
 Each row is a median of --repeats calls, the paths taking turns (so drifts in machine speed hit
 them alike), in one of two cache states, the same for every path of a table:
-  cold  before every timed call, a buffer 4x the last-level cache (the CPU's L3, the GPU's L2) is
-        copied, so x and out come from memory;
+  cold  before every timed call, a buffer twice the last-level cache (the CPU's L3, the GPU's L2) is
+        copied into another, so x and out come from memory;
   warm  the paths follow each other with nothing between, each finding x and out where the one
         before left them (in cache, where the batch fits).
 Rows: a plain copy into a preallocated output (the floor), the extension writing into a
