@@ -181,7 +181,7 @@ def rmse(pred, target):
 
 def catreg_loss(logits, target, centres, alpha):
     """Eq. 2, catreg (HopeNet): per angle, CE over the bins + α·RMSE of the expected angle; summed."""
-    width = float(centres[1] - centres[0])
+    width = centres[1] - centres[0]  # a tensor: float() would make the host wait for a GPU
     bins = ((target + 99) / width).floor().long().clamp(0, len(centres) - 1)
     ce = F.cross_entropy(logits.float().flatten(0, 1), bins.flatten(), reduction="none").view(bins.shape).mean(0)
     return (ce + alpha * rmse(expected_angle(logits, centres), target)).sum()
@@ -294,6 +294,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def to_device(t, device):
+    """A CPU tensor on `device`. To a GPU it goes from pinned memory without waiting: a copy from
+    ordinary memory first waits for all the work queued on the GPU, so the host could not queue
+    the next step while the GPU runs this one."""
+    if device is not None and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def sample_tiles(n, grid, task, generator=None, device=None):
     """Random SS parameters (perm, rot), each n x grid² int64: the labels of the tile heads.
 
@@ -314,7 +323,7 @@ def sample_tiles(n, grid, task, generator=None, device=None):
     if task == "puzzle_rotation":
         where = torch.rand(n, g2, generator=generator).argsort(1)[:, :2]
         rot.scatter_(1, where, torch.randint(0, 4, where.shape, generator=generator))
-    return perm.to(device), rot.to(device)
+    return to_device(perm, device), to_device(rot, device)
 
 
 def invert_tiles(perm, rot):
@@ -368,13 +377,17 @@ class Draws:
         self.gen, self.n, self.rows, self.device = gen, n, rows, device
 
     def uniform(self, low, high, *shape):
-        return (torch.rand(self.n, *shape, generator=self.gen)[self.rows] * (high - low) + low).to(self.device)
+        return to_device(torch.rand(self.n, *shape, generator=self.gen)[self.rows] * (high - low) + low, self.device)
 
     def integers(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen)[self.rows].to(self.device)
+        return to_device(torch.randint(low, high, (self.n,), generator=self.gen)[self.rows], self.device)
 
     def normal(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.gen)[self.rows].to(self.device)
+        # Drawn on the device from a seed that gen draws: a noise image per sample is too much to
+        # draw on the host each step (64 x 3 x 224 x 224: 40 ms on one core of the 2-core EPYC).
+        seed = torch.randint(2 ** 62, (), generator=self.gen).item()
+        device_gen = torch.Generator(self.device).manual_seed(seed)
+        return torch.randn(self.n, *shape, generator=device_gen, device=self.device)[self.rows]
 
 
 def zoom(x, draw):  # random central zoom: the central s·H x s·W, s ~ U[0.8, 1], resized back
@@ -393,12 +406,13 @@ def brightness(x, draw):
 
 
 def hue(x, draw):  # chroma rotated in YIQ space by up to ±0.1 turn
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    to_yiq, from_yiq = to_device(yiq, x.device), to_device(torch.linalg.inv(yiq), x.device)  # inv on a GPU waits
     turn = draw.uniform(-0.2 * math.pi, 0.2 * math.pi)
     rot = torch.zeros(len(x), 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, turn.cos(), turn.cos()
     rot[:, 1, 2], rot[:, 2, 1] = -turn.sin(), turn.sin()
-    return torch.einsum("nij,njhw->nihw", torch.linalg.inv(yiq) @ rot @ yiq, x)
+    return torch.einsum("nij,njhw->nihw", from_yiq @ rot @ to_yiq, x)
 
 
 def noise(x, draw):  # Gaussian, sigma ~ U[0, 0.05]
@@ -431,7 +445,7 @@ def cutout(x, draw):  # a square of side U[0.1, 0.4]·H at a random centre, set 
     ys, xs = (torch.arange(h, device=x.device) + 0.5) / h, (torch.arange(w, device=x.device) + 0.5) / w
     inside = ((ys[None, :, None] - cy[:, None, None]).abs() < half[:, None, None]) & \
              ((xs[None, None, :] - cx[:, None, None]).abs() < half[:, None, None])
-    return torch.where(inside[:, None], torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None], x)
+    return torch.where(inside[:, None], to_device(torch.tensor(IMAGENET_MEAN), x.device)[None, :, None, None], x)
 
 
 # Level 1 and 2: the 300W-LP runs; eth41 / eth52: the ETH-XGaze sets of sections 4.1 and 5.2.
@@ -457,7 +471,7 @@ def flip(images, angles, names, draw, probability):
     and roll negated."""
     flipped = draw.uniform(0, 1) < probability
     images = torch.where(flipped[:, None, None, None], images.flip(2), images)
-    sign = torch.tensor([MIRRORED[a] for a in names], device=angles.device)
+    sign = to_device(torch.tensor([MIRRORED[a] for a in names]), angles.device)
     return images, torch.where(flipped[:, None], angles * sign, angles)
 
 
@@ -477,7 +491,7 @@ def prepare(images, angles, cfg, gen, n, rt, *, task, train):
         if cfg["flip"]:
             images, angles = flip(images, angles, angle_names(cfg["data"]), draw, cfg["flip"])
     perm, rot = sample_tiles(n, cfg["grid"], task, gen)
-    perm, rot = perm[rt.rows].to(rt.device), rot[rt.rows].to(rt.device)
+    perm, rot = to_device(perm[rt.rows], rt.device), to_device(rot[rt.rows], rt.device)
     shuffled = None
     if train and cfg["ss_fraction"] < 1 and task != "none":
         shuffled = draw.uniform(0, 1) < cfg["ss_fraction"]
@@ -487,6 +501,9 @@ def prepare(images, angles, cfg, gen, n, rt, *, task, train):
 
 
 # ----------------------------------------------------------------------------- training and evaluation
+
+READ_BACK_STEPS = 25  # how often a training epoch reads its loss back to the host (a GPU waits then)
+
 
 def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
     """One epoch of the one-pass HMTL step. Each batch is augmented and every image's tiles are
@@ -498,6 +515,20 @@ def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
     """
     model.train()
     totals, seen, start = torch.zeros(3, device=rt.device), 0, time.perf_counter()
+    # The first step whose loss was not finite, and that loss: noted on the device, read on the host
+    # every READ_BACK_STEPS steps, as a read makes the host wait for the GPU. The steps in between
+    # train on; nothing of the epoch is saved once it stops.
+    bad_step, bad_loss = torch.full((), math.inf, device=rt.device), torch.zeros((), device=rt.device)
+
+    def stop_if_not_finite():
+        first = bad_step.clone()
+        if rt.world > 1:  # every process stops, naming the first bad step of any
+            dist.all_reduce(first, dist.ReduceOp.MIN)
+        first, mine, value = torch.stack([first, bad_step, bad_loss]).tolist()
+        if first < math.inf:
+            what = f"the loss became {value}" if mine == first else "the loss of another process became NaN or infinite"
+            raise FloatingPointError(f"{what} at epoch {epoch + 1}, step {int(first) + 1}")
+
     bar = tqdm(loader, f"epoch {epoch + 1}/{cfg['epochs']}", disable=rt.rank != 0, leave=False, dynamic_ncols=True)
     for step, (images, angles) in enumerate(bar):
         x, angles, perm, rot, shuffled = prepare(images, angles, cfg, seeded(cfg["seed"], "train", epoch, step),
@@ -508,19 +539,20 @@ def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
         sl = supervised_loss(pose, angles, cfg, rt.centres) if pose is not None else zero
         ss = ssl_loss(ssl, {"puzzle": perm, "rotation": rot}, shuffled) if ssl else zero
         loss = hmtl_loss(sl, ss, cfg["ssl_weight"])
-        finite = torch.isfinite(loss).float()
-        if rt.world > 1:
-            dist.all_reduce(finite, dist.ReduceOp.MIN)
-        if not finite:
-            raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
+        newly_bad = bad_step.isinf() & ~loss.detach().isfinite()
+        bad_step = torch.where(newly_bad, float(step), bad_step)
+        bad_loss = torch.where(newly_bad, loss.detach().float(), bad_loss)
         optimizer.zero_grad(set_to_none=True)
         rt.scaler.scale(loss).backward()
         rt.scaler.step(optimizer)
         rt.scaler.update()
         totals += torch.stack([loss, sl, ss]).detach() * len(images)
         seen += len(images) * rt.world
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
-                        img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if (step + 1) % READ_BACK_STEPS == 0:
+            stop_if_not_finite()
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    stop_if_not_finite()
     if rt.world > 1:
         dist.all_reduce(totals)
     loss, sl, ss = (totals / max(seen, 1)).tolist()

@@ -8,9 +8,10 @@ gets it already normalised (no augmentation, no tiles) and trains torchvision's 
 with one 3 x 66-way linear layer; SL and HMTL steps run hmtl.prepare (augmentation
 on the device + the fused tile op) and hmtl's losses. All use hmtl.AdaBelief. The three
 alternate step by step, so drifts in machine speed hit them alike; each figure is a
-median, printed as images/s and as a ratio to the plain step. --compile [MODE] runs each network
-through torch.compile (the tile op stays outside the compiled graph); --compile reduce-overhead
-replays it as CUDA graphs on a GPU.
+median, printed as images/s and as a ratio to the plain step; on a GPU, then also each step run
+--steps times back to back, as training runs them (the host waits for the GPU at the end only).
+--compile [MODE] runs each network through torch.compile (the tile op stays outside the compiled
+graph); --compile reduce-overhead replays it as CUDA graphs on a GPU.
 """
 import argparse
 import statistics
@@ -53,6 +54,8 @@ def main():
     n = args.batch_size
     data = hmtl_data.synthetic_heads(n, args.img_size, seed=0, split=0, folder=args.cache, workers=2)
     images = torch.from_numpy(data.images[:n].copy())
+    if rt.device.type == "cuda":
+        images = images.pin_memory()  # as hmtl.py's loader hands batches over
     angles = torch.from_numpy(data.angles[:n]).to(rt.device)
 
     def trainer(model, loss_of):
@@ -111,6 +114,20 @@ def main():
         print(f"| {name} | {ms:.0f} | {n / ms * 1e3:.1f} | {ms / base:.3f} |")
     sl, hm = (statistics.median(times[k]) for k in list(times)[1:])
     print(f"\nHMTL step / SL step: {hm / sl:.3f}")
+
+    if rt.device.type == "cuda":  # as training runs them: the host queues step after step, waiting at the end only
+        print(f"\n{args.steps} steps back to back, synchronised at the end only\n")
+        print("| step | images/s | x plain |\n| --- | --- | --- |")
+        base = None
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            for i in range(args.steps):
+                step(i)
+            sync()
+            rate = n * args.steps / (time.perf_counter() - t0)
+            base = base or rate
+            print(f"| {name} | {rate:.0f} | {base / rate:.3f} |")
 
     if rt.device.type == "cuda":  # how much of a step the input pipeline takes on the GPU
         aug = []

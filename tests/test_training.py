@@ -129,6 +129,70 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert len(rows(tmp_path / "run")) == 1
 
 
+def test_a_training_epoch_reads_back_to_the_host_only_at_its_end(tmp_path, monkeypatch):
+    """Each read of a tensor's value on the host (item, tolist, bool, float, int) makes the host wait for a GPU;
+    between read-backs (every READ_BACK_STEPS steps) hmtl.py's loop reads nothing, so it never waits."""
+    reads, counting = [], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, _name=name):
+            caller = sys._getframe(1)  # hmtl.py's, but not the batch sampler's or Draws' (host tensors)
+            if counting and caller.f_code.co_filename == hmtl.__file__ and \
+                    not isinstance(caller.f_locals.get("self"), (torch.utils.data.Sampler, hmtl.Draws)):
+                reads.append(_name)
+            return _method(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real = hmtl.train_one_epoch
+
+    def epoch(*args):
+        counting.append(1)
+        try:
+            return real(*args)
+        finally:
+            counting.clear()
+    monkeypatch.setattr(hmtl, "train_one_epoch", epoch)
+    monkeypatch.setattr(hmtl, "READ_BACK_STEPS", 100)  # more than the epoch's 6 steps
+    hmtl.main(tiny_args(tmp_path, "--epochs", "1", "--task", "puzzle"))
+    assert reads == ["tolist", "tolist"]  # the check for a non-finite loss, and the epoch's mean losses
+    reads.clear()
+    monkeypatch.setattr(hmtl, "READ_BACK_STEPS", 2)
+    hmtl.main(tiny_args(tmp_path, "--epochs", "1", "--task", "puzzle", "--overwrite"))
+    assert reads == ["tolist", "item"] * 3 + ["tolist", "tolist"]  # and the progress bar's loss at steps 2, 4, 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("aug", ["1", "eth41", "eth52"])  # "2" resizes a data-dependent set of images
+def test_a_training_step_on_the_gpu_queues_its_work_without_waiting(aug):
+    """A step as train_one_epoch takes it -- augmentation, flip, tiles and the fused op, forward,
+    losses, backward, optimizer -- makes no synchronising call (CUDA's sync debug mode raises at one)."""
+    cfg = config("--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--batch-size", "8",
+                 "--aug", aug, "--task", "puzzle_rotation", "--ss-fraction", "0.5", "--device", "cuda", "--amp", "bf16")
+    rt = hmtl.runtime(cfg)
+    model = hmtl.build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+    optimizer = hmtl.AdaBelief(model.parameters())
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).pin_memory()
+    angles = (torch.rand(8, 3) * 180 - 90).pin_memory()
+
+    def step(i):
+        x, target, perm, rot, shuffled = hmtl.prepare(images, angles, cfg, hmtl.seeded(0, i), 8, rt,
+                                                      task=cfg["task"], train=True)
+        with rt.autocast():
+            pose, ssl = model(x)
+        loss = hmtl.hmtl_loss(hmtl.supervised_loss(pose, target, cfg, rt.centres),
+                              hmtl.ssl_loss(ssl, {"puzzle": perm, "rotation": rot}, shuffled), cfg["ssl_weight"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(0)  # first calls (cuDNN's choices, the optimizer's state) may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_weights_that_blow_up_are_never_saved_or_chosen(tmp_path, monkeypatch):
     """A diverged update (finite loss, then weights and validation MAE NaN) is not written anywhere."""
     real = hmtl.train_one_epoch
