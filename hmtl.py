@@ -1161,8 +1161,9 @@ QUICK = dict(arch="resnet18", img_size=64, epochs=6, milestones=[5], synthetic_t
              workers=2)
 VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2000", "ethxgaze": "ethxgaze",
               "biwi": "biwi"}
-# What --resume may change (the run's length, where it runs, where its data now lies), and what
-# --eval-only may (which set it evaluates, and how it is read).
+# What --resume may change (the run's length, where it runs, where its data now lies), what
+# --eval-only may (which set it evaluates, and how it is read), and the flags --predict and
+# --export read (any other is refused).
 RESUMABLE = {"epochs", "workers", "device", "cache", "data_root", "val_root"}
 EVALUATION = {"val_data", "val_root", "aflw2000_reduced", "crop", "cache", "workers", "device", "batch_size"}
 USE = {"predict": {"predict", "checkpoint", "boxes", "out", "device"}, "export": {"export", "checkpoint"}}
