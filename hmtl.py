@@ -430,12 +430,11 @@ def blur(x, draw):  # Gaussian, sigma ~ U[0, 1.5] pixels, separable 7-tap
 
 
 def downscale(x, draw):  # resolution divided by 1, 2, 3 or 4, then brought back
-    factor, out = draw.integers(1, 5), x.clone()
-    for f in (2, 3, 4):
-        rows = (factor == f).nonzero()[:, 0]
-        if len(rows):
-            small = F.interpolate(x[rows], scale_factor=1 / f, mode="bilinear", antialias=True)
-            out[rows] = F.interpolate(small, size=x.shape[-2:], mode="bilinear")
+    factor, out = draw.integers(1, 5), x
+    for f in (2, 3, 4):  # every image at every factor, each kept where drawn: picking rows would wait for a GPU
+        small = F.interpolate(x, scale_factor=1 / f, mode="bilinear", antialias=True)
+        back = F.interpolate(small, size=x.shape[-2:], mode="bilinear")
+        out = torch.where((factor == f)[:, None, None, None], back, out)
     return out
 
 

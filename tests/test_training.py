@@ -162,7 +162,7 @@ def test_a_training_epoch_reads_back_to_the_host_only_at_its_end(tmp_path, monke
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("aug", ["1", "eth41", "eth52"])  # "2" resizes a data-dependent set of images
+@pytest.mark.parametrize("aug", ["1", "2", "eth41", "eth52"])
 def test_a_training_step_on_the_gpu_queues_its_work_without_waiting(aug):
     """A step as train_one_epoch takes it -- augmentation, flip, tiles and the fused op, forward,
     losses, backward, optimizer -- makes no synchronising call (CUDA's sync debug mode raises at one)."""
@@ -191,6 +191,20 @@ def test_a_training_step_on_the_gpu_queues_its_work_without_waiting(aug):
         step(1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_downscale_resizes_each_image_by_its_own_drawn_factor():
+    """The batch is resized at every factor and each image keeps its own: the same, bit for bit, as
+    resizing that image alone."""
+    x = torch.rand(12, 3, 24, 24)
+    draw = lambda: hmtl.Draws(torch.Generator().manual_seed(3), 12, slice(None), torch.device("cpu"))
+    factors = draw().integers(1, 5).tolist()
+    assert set(factors) == {1, 2, 3, 4}  # every factor is met
+    got = hmtl.downscale(x, draw())
+    for image, f, resized in zip(x, factors, got):
+        small = torch.nn.functional.interpolate(image[None], scale_factor=1 / f, mode="bilinear", antialias=True)
+        want = image[None] if f == 1 else torch.nn.functional.interpolate(small, size=(24, 24), mode="bilinear")
+        assert torch.equal(resized[None], want), f
 
 
 def test_weights_that_blow_up_are_never_saved_or_chosen(tmp_path, monkeypatch):
