@@ -384,7 +384,7 @@ class Draws:
 
     def normal(self, *shape):
         # Drawn on the device from a seed that gen draws: a noise image per sample is too much to
-        # draw on the host each step (64 x 3 x 224 x 224: 40 ms on one core of the 2-core EPYC).
+        # draw on the host each step (64 x 3 x 224 x 224: 40-43 ms on the 2-core EPYC).
         seed = torch.randint(2 ** 62, (), generator=self.gen).item()
         device_gen = torch.Generator(self.device).manual_seed(seed)
         return torch.randn(self.n, *shape, generator=device_gen, device=self.device)[self.rows]
