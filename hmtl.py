@@ -405,9 +405,12 @@ def brightness(x, draw):
     return x + draw.uniform(-0.15, 0.15)[:, None, None, None]
 
 
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)  # once, on the host: inverting on a GPU waits for it
+
+
 def hue(x, draw):  # chroma rotated in YIQ space by up to ±0.1 turn
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    to_yiq, from_yiq = to_device(yiq, x.device), to_device(torch.linalg.inv(yiq), x.device)  # inv on a GPU waits
+    to_yiq, from_yiq = to_device(RGB_TO_YIQ, x.device), to_device(YIQ_TO_RGB, x.device)
     turn = draw.uniform(-0.2 * math.pi, 0.2 * math.pi)
     rot = torch.zeros(len(x), 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, turn.cos(), turn.cos()
