@@ -78,7 +78,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+        "test": ["pytest>=7.3", "hypothesis", "onnx", "onnxruntime"],
         "export": ["onnx", "onnxruntime"],
     },
 )
