@@ -8,6 +8,7 @@ and the crop protocols; hmtl.py holds the method.
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -92,6 +93,42 @@ class Subset(torch.utils.data.Subset):
     @property
     def angles(self):
         return self.dataset.angles[self.indices]
+
+
+def seeded(*keys):
+    """A CPU generator determined by its keys (seed, purpose, epoch, step...)."""
+    words = [int(hashlib.sha1(str(k).encode()).hexdigest()[:8], 16) for k in keys]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1))
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """One global batch order per epoch, drawn from (seed, epoch); process `rank` of `world` takes
+    samples rank::world of each global batch, so any number of processes sees the same batches."""
+
+    def __init__(self, n, batch, seed, shuffle, drop_last, rank=0, world=1):
+        self.n, self.batch, self.seed, self.shuffle, self.drop_last = n, batch, seed, shuffle, drop_last
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=seeded(self.seed, "order", self.epoch)) if self.shuffle \
+            else torch.arange(self.n)
+        for b in range(len(self)):
+            rows = order[b * self.batch:(b + 1) * self.batch][self.rank::self.world]
+            if len(rows):
+                yield rows.tolist()
+
+
+def data_loader(dataset, batches, cfg, rt):
+    """Decoded arrays load fastest in the training process itself; files decode in --workers processes."""
+    workers = 0 if is_arrays(dataset) else cfg["workers"]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                       pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)
 
 
 def split_holdout(dataset, fraction, seed):

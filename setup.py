@@ -48,14 +48,14 @@ cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", *debug]
 sources = ["csrc/tiles.cpp"]
 if with_cuda:
     extension = CUDAExtension(
-        "hmtl_tiles",
+        "_hmtl_tiles",
         sources + ["csrc/tiles_cuda.cu"],
         define_macros=[("HMTL_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         extra_link_args=["-fopenmp"],
     )
 else:
-    extension = CppExtension("hmtl_tiles", sources, extra_compile_args={"cxx": cxx_flags},
+    extension = CppExtension("_hmtl_tiles", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=["-fopenmp"])
 print(f"hmtl: building the tile op for CPU{' and CUDA (' + cuda_home + ')' if with_cuda else ' only'}")
 
@@ -63,7 +63,7 @@ setup(
     name="hmtl",
     version="0.1.0",
     description="Hybrid Multi-Task Learning for fine-grained head pose estimation (reference implementation)",
-    py_modules=["hmtl", "hmtl_data"],
+    py_modules=["hmtl", "hmtl_data", "hmtl_flags", "hmtl_runs", "hmtl_tiles", "hmtl_use"],
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
@@ -78,7 +78,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=7.3", "hypothesis", "onnx", "onnxruntime"],
+        "test": ["pytest>=7.3", "pytest-xdist", "hypothesis", "onnx", "onnxruntime"],
         "export": ["onnx", "onnxruntime"],
     },
 )

@@ -45,7 +45,7 @@ def main():
         start = time.perf_counter()
         arrays = hmtl_data.load_split({**cfg, "cache": cache}, False)
         build = time.perf_counter() - start
-        batches = hmtl.GlobalBatches(len(files), 64, 0, True, False)
+        batches = hmtl_data.GlobalBatches(len(files), 64, 0, True, False)
         decode = images_per_second(torch.utils.data.DataLoader(files, batch_sampler=batches,
                                                                num_workers=args.workers), args.passes)
         cached = images_per_second(torch.utils.data.DataLoader(arrays, batch_sampler=batches), args.passes)

@@ -19,18 +19,14 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
-inline Strides nchw_strides(const at::Tensor& x) {
-  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
-}
+inline Strides nchw_strides(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}; }
 
 // A batch stored N x H x W x C (decoded images) seen as N x C x H x W.
-inline Strides nhwc_strides(const at::Tensor& x) {
-  return {x.stride(0), x.stride(3), x.stride(1), x.stride(2)};
-}
+inline Strides nhwc_strides(const at::Tensor& x) { return {x.stride(0), x.stride(3), x.stride(1), x.stride(2)}; }
 
-// Row i of an output tile rotated by k reads its source tile along one line:
-// pixel j of the row is at `start + j * step` (element offsets inside the tile).
-// From torch.rot90(tile, k, dims=(-2, -1)): out[i][j] = src[si][sj] with
+// Row i of an output tile turned by k reads its source tile along one line: pixel j of the
+// row is at `start + j * step` (element offsets inside the tile). From torch.rot90(tile, k,
+// dims=(-2, -1)): out[i][j] = src[si][sj] with
 //   k=0: (i, j)   k=1: (j, t-1-i)   k=2: (t-1-i, t-1-j)   k=3: (t-1-j, i).
 struct Line {
   int64_t start, step;
@@ -46,34 +42,27 @@ C10_HOST_DEVICE inline Line source_line(int64_t k, int64_t i, int64_t t, int64_t
 }
 
 // Element offset, inside its image and plane, of the top-left pixel of tile q (row-major).
-C10_HOST_DEVICE inline int64_t tile_offset(int64_t q, Grid grid, Strides xs) {
-  return (q / grid.g) * grid.t * xs.h + (q % grid.g) * grid.t * xs.w;
+C10_HOST_DEVICE inline int64_t tile_offset(int64_t q, Grid grid, Strides s) {
+  return (q / grid.g) * grid.t * s.h + (q % grid.g) * grid.t * s.w;
 }
 
-// Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes,
-// dtypes, devices and, where `values`, that each perm row is a permutation and each rot lies
-// in 0..3 (on the host: for a GPU tensor, a synchronisation). Raises ValueError / TypeError
-// naming the problem; returns the grid.
+// Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes, dtypes,
+// devices, and that each perm row is a permutation and each rot lies in 0..3 (on the host, so
+// that a bad value never reaches a kernel). Raises ValueError / TypeError naming the problem.
 Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at::Tensor& perm,
-                       const at::Tensor& rot, const at::Device& device, bool values = true);
+                       const at::Tensor& rot, const at::Device& device);
 
-// Checks the image batch of shuffle_tiles: N x C x H x W, uint8 / float16 / bfloat16 / float32.
+// shuffle_tiles' batch: N x C x H x W, uint8 / float16 / bfloat16 / float32.
 void check_image(const char* op, const at::Tensor& x);
 
-// Checks a shuffled output buffer: shape, dtype, device, and no overlap with the input.
-void check_out(const char* op, const at::Tensor& out, at::IntArrayRef shape, at::ScalarType dtype,
-               const at::Tensor& x);
-
-// The fused op's per-channel map out = float(x) * scale[c] + shift[c], with
-// scale = 1 / (255 std) and shift = -mean / std, i.e. (x / 255 - mean) / std.
+// The fused op's per-channel map out = float(x) * scale[c] + shift[c], with scale = 1 / (255 std)
+// and shift = -mean / std, i.e. (x / 255 - mean) / std; its input is uint8 N x H x W x C.
 constexpr int64_t kMaxChannels = 64;
 struct Affine {
   float scale[kMaxChannels];
   float shift[kMaxChannels];
 };
-Affine make_affine(const char* op, int64_t channels, at::ArrayRef<double> mean, at::ArrayRef<double> std);
-
-// Checks the fused op's input (uint8 N x H x W x C) and requested output dtype.
-void check_normalize_input(const char* op, const at::Tensor& x, at::ScalarType dtype);
+Affine check_normalize_args(const char* op, const at::Tensor& x, at::ArrayRef<double> mean,
+                            at::ArrayRef<double> std);
 
 }  // namespace hmtl

@@ -1,10 +1,17 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n K: K processes share the cores, one thread each (before torch)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np
 import pytest
 
 import hmtl
+import hmtl_data
+import hmtl_runs
 
 REPO = Path(__file__).resolve().parent.parent
 # The real AFLW2000 sample lies beside the repository in the project's workspace; tests that need
@@ -14,8 +21,8 @@ AFLW_SAMPLE = REPO.parent / "shared" / "data" / "aflw2000-sample"
 
 def tiny_args(tmp_path, *extra, out="run"):
     """Command-line flags for a run that trains in seconds on a CPU."""
-    return ["--arch", "resnet18", "--img-size", "32", "--batch-size", "32", "--synthetic-train", "192",
-            "--synthetic-val", "64", "--epochs", "2", "--milestones", "100", "--workers", "0", "--device", "cpu",
+    return ["--arch", "resnet18", "--img-size", "32", "--batch-size", "32", "--synthetic-train", "64",
+            "--synthetic-val", "16", "--epochs", "2", "--milestones", "100", "--workers", "0", "--device", "cpu",
             "--cache", str(tmp_path.parent / "cache"), "--out", str(tmp_path / out), *extra]
 
 
@@ -26,7 +33,34 @@ def config(*flags):
 
 def expected_amp():
     """What --amp auto picks on this CPU, as the code decides it (the tests may force either way)."""
-    return "bf16" if hmtl.cpu_has_bf16() else "off"
+    return "bf16" if hmtl_runs.cpu_has_bf16() else "off"
+
+
+def fake_biwi(path, n=24, seed=0, size=64, one_look=False):
+    """FSA-Net's BIWI_noTrack.npz: image N x S x S x 3 (BGR), pose N x 3 yaw, pitch, roll degrees. With
+    one_look every head has the same skin, hair, light, scale and background: only the pose varies."""
+    rng = np.random.default_rng(seed)
+    pose = rng.uniform(-60, 60, (n, 3))
+    looks = (np.random.default_rng(7) if one_look else rng for _ in range(n))
+    images = np.stack([hmtl_data.render_head(*p, size, look)[0][..., ::-1] for p, look in zip(pose, looks)])
+    np.savez(path, image=images, pose=pose)
+    return path
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory):
+    """{name: (run folder, summary)} of an SL and an HMTL run that learn pose in a few dozen steps: rendered
+    heads of one look at 32 px, no augmentation, no warm-up (--no-rectify), in fp32 on any CPU."""
+    folder = tmp_path_factory.mktemp("learned")
+    train = fake_biwi(folder / "train.npz", n=512, seed=0, size=32, one_look=True)
+    val = fake_biwi(folder / "val.npz", n=128, seed=1, size=32, one_look=True)
+    common = ["--data", "biwi", "--data-root", str(train), "--val-root", str(val), "--img-size", "32", "--arch",
+              "resnet18", "--batch-size", "32", "--no-rectify", "--aug", "0", "--flip", "0", "--amp", "off", "--workers", "0",
+              "--device", "cpu"]
+    runs = {"sl": ["--epochs", "2", "--milestones", "1"],
+            "hmtl": ["--epochs", "5", "--milestones", "4", "--task", "rotation", "--ssl-weight", "1"]}
+    return {name: (folder / name, hmtl.main(common + flags + ["--out", str(folder / name)]))
+            for name, flags in runs.items()}
 
 
 @pytest.fixture
@@ -37,6 +71,5 @@ def aflw_sample():
 
 
 def run_cli(*args, env=None, **kw):
-    import subprocess
     return subprocess.run([sys.executable, str(REPO / "hmtl.py"), *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kw)

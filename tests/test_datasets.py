@@ -1,8 +1,8 @@
 """The readers, in the datasets' published formats: the real AFLW2000 sample, and fabricated
 300W-LP, AFLW2000, ETH-XGaze and BIWI sets that go through training and evaluation."""
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 
 import h5py
@@ -14,7 +14,7 @@ from scipy.io import loadmat, savemat
 
 import hmtl
 import hmtl_data
-from conftest import REPO, config, run_cli, tiny_args
+from conftest import REPO, config, fake_biwi, tiny_args
 
 
 # ----------------------------------------------------------------------------- the real AFLW2000 sample
@@ -115,20 +115,17 @@ def test_square_crop_is_torchvisions_resize_then_center_crop():
         assert np.array_equal(hmtl_data.square_crop(image, box, 32), want), box
 
 
-def test_aflw2000_flags_choose_its_protocol_at_evaluation(aflw_sample, tmp_path):
+def test_aflw2000_flags_choose_its_protocol_at_evaluation(trained_on_300wlp, aflw_sample):
     """A checkpoint trained with the reduced protocol is evaluated on all 100 sample faces with
     --no-aflw2000-reduced, on the 95 within ±99° with --aflw2000-reduced, and cropped either way."""
-    train = fake_300wlp(tmp_path / "300W_LP", per_folder=8)
-    hmtl.main(tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(train), "--val-root", str(aflw_sample),
-                        "--aflw2000-reduced", "--epochs", "1", "--batch-size", "8"))
-    last = str(tmp_path / "run" / "last.pt")
+    last, _ = trained_on_300wlp
+    flags = ["--eval-only", "--checkpoint", str(last), "--val-data", "aflw2000", "--val-root", str(aflw_sample)]
     assert torch.load(last, weights_only=True)["config"]["aflw2000_reduced"] is True
-    full = hmtl.main(["--eval-only", "--checkpoint", last, "--no-aflw2000-reduced"])
-    reduced = hmtl.main(["--eval-only", "--checkpoint", last, "--aflw2000-reduced"])
-    kept = hmtl.main(["--eval-only", "--checkpoint", last])
-    assert (full["val_images"], reduced["val_images"], kept["val_images"]) == (100, 95, 95)
-    visible = hmtl.main(["--eval-only", "--checkpoint", last, "--crop", "visible"])
-    assert visible["val_images"] == 95 and visible["val_mae_mean"] != reduced["val_mae_mean"]
+    full = hmtl.main(flags + ["--no-aflw2000-reduced"])
+    kept = hmtl.main(flags)
+    assert (full["val_images"], kept["val_images"]) == (100, 95)
+    visible = hmtl.main(flags + ["--crop", "visible"])
+    assert visible["val_images"] == 95 and visible["val_mae_mean"] != kept["val_mae_mean"]
 
 
 def mirrored_geometry(points, width):
@@ -211,37 +208,35 @@ def fake_xgaze(root, subjects, per_subject=12, seed=0):
     root.mkdir(parents=True, exist_ok=True)
     for s in subjects:
         poses = np.radians(rng.uniform(-40, 40, (per_subject, 2)))
-        faces = np.stack([hmtl_data.render_head(np.degrees(y), np.degrees(p), 0, 224, rng, supersample=1)[0][..., ::-1]
-                          for p, y in poses])
+        faces = np.stack([hmtl_data.render_head(np.degrees(y), np.degrees(p), 0, 32, rng)[0][..., ::-1]
+                          for p, y in poses]).repeat(7, 1).repeat(7, 2)  # 224 px, as the files hold them
         with h5py.File(root / f"subject{s:04d}.h5", "w") as f:
             f["face_patch"], f["face_head_pose"] = faces, poses
             f["face_gaze"] = np.zeros((per_subject, 2))
     return root
 
 
-def fake_biwi(path, n=24, seed=0, size=64):
-    """FSA-Net's BIWI_noTrack.npz: image N x S x S x 3 (BGR), pose N x 3 yaw, pitch, roll degrees."""
-    rng = np.random.default_rng(seed)
-    pose = rng.uniform(-60, 60, (n, 3))
-    images = np.stack([hmtl_data.render_head(*p, size, rng)[0][..., ::-1] for p in pose])
-    np.savez(path, image=images, pose=pose)
-    return path
+@pytest.fixture(scope="module")
+def trained_on_300wlp(tmp_path_factory):
+    """(last.pt, summary) of a run trained on a fabricated 300W-LP and tested on a fabricated AFLW2000."""
+    tmp = tmp_path_factory.mktemp("300wlp")
+    train = fake_300wlp(tmp / "300W_LP", beyond=2)
+    test = fake_300wlp(tmp / "AFLW2000", folders=("",), per_folder=30, seed=1, beyond=3, landmarks=21)
+    summary = hmtl.main(tiny_args(tmp, "--data", "300wlp", "--data-root", str(train), "--val-root", str(test),
+                                  "--task", "puzzle", "--batch-size", "16", "--aflw2000-reduced"))
+    return tmp / "run" / "last.pt", summary
 
 
-def test_300wlp_trains_and_aflw2000_evaluates_end_to_end(tmp_path):
-    train = fake_300wlp(tmp_path / "300W_LP", beyond=2)
-    test = fake_300wlp(tmp_path / "AFLW2000", folders=("",), per_folder=30, seed=1, beyond=3, landmarks=21)
-    args = tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(train), "--val-root", str(test),
-                     "--task", "puzzle", "--epochs", "2", "--batch-size", "16")
-    summary = hmtl.main(args)
+def test_300wlp_trains_and_aflw2000_evaluates_end_to_end(trained_on_300wlp):
+    last, summary = trained_on_300wlp
     assert summary["train_images"] == 36  # 2 x 20 files, the 2 x 2 beyond ±99° left out
-    assert summary["val_images"] == 30 and summary["config"]["val_data"] == "aflw2000"
+    assert summary["val_images"] == 27 and summary["config"]["val_data"] == "aflw2000"  # 30 less 3 beyond ±99°
     assert {"val_mae_yaw", "val_mae_pitch", "val_mae_roll", "val_acc_puzzle"} <= set(summary)
     # AFLW2000 is a test set: no checkpoint is chosen on it
-    assert not (tmp_path / "run" / "best.pt").exists() and summary["best_pt"]["epoch"] is None
+    assert not (last.parent / "best.pt").exists() and summary["best_pt"]["epoch"] is None
     assert "the validation set (aflw2000) is a test set" in summary["best_pt"]["chosen_on"]
-    reduced = hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--aflw2000-reduced"])
-    assert reduced["val_images"] == 27 and np.isfinite(reduced["val_mae_mean"])
+    every = hmtl.main(["--eval-only", "--checkpoint", str(last), "--no-aflw2000-reduced"])
+    assert every["val_images"] == 30 and np.isfinite(every["val_mae_mean"])
 
 
 def test_cache_equals_direct_decoding_pixel_for_pixel_and_follows_its_source(tmp_path):
@@ -291,14 +286,19 @@ def test_a_crashed_cache_build_is_not_a_trap_and_two_builders_agree(tmp_path):
             for f in p.iterdir():
                 f.unlink()
             p.rmdir()
-    script = ("import sys, hmtl, hmtl_data; from conftest import config; "
-              f"d = hmtl_data.load_split(config(*{flags!r}), True); print(d.images.shape[0], int(d.images.sum()))")
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO / "tests", stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-             for _ in range(2)]
-    outputs = [p.communicate() for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    assert outputs[0][0] == outputs[1][0] == f"12 {int(want.astype(np.int64).sum())}\n"
+    results = multiprocessing.get_context("fork").Queue()
+
+    def build():
+        d = hmtl_data.load_split(cfg, True)
+        results.put((d.images.shape[0], int(np.asarray(d.images, np.int64).sum())))
+
+    builders = [multiprocessing.get_context("fork").Process(target=build) for _ in range(2)]
+    for p in builders:
+        p.start()
+    for p in builders:
+        p.join(60)
+    assert [p.exitcode for p in builders] == [0, 0]
+    assert results.get() == results.get() == (12, int(want.astype(np.int64).sum()))
 
 
 def test_no_usable_training_face_is_a_clear_error(tmp_path):
@@ -311,20 +311,19 @@ def test_no_usable_training_face_is_a_clear_error(tmp_path):
 def test_an_undecodable_image_in_a_worker_gives_one_line_naming_it(tmp_path):
     root = fake_300wlp(tmp_path / "300W_LP", folders=("AFW",), per_folder=12)
     (root / "AFW" / "AFW_5.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
-    result = run_cli(*tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(root), "--val-root", str(root),
-                                "--workers", "2", "--batch-size", "4", "--epochs", "1"))
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if "%|" not in line and line.strip()]
-    assert lines == [f"{root / 'AFW' / 'AFW_5.jpg'}: cannot decode image (cannot identify image file "
-                     f"'{root / 'AFW' / 'AFW_5.jpg'}')"], result.stderr
+    with pytest.raises(SystemExit) as stop:  # its message is the line the command line prints, exit status 1
+        hmtl.main(tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(root), "--val-root", str(root),
+                            "--workers", "2", "--batch-size", "4", "--epochs", "1"))
+    assert str(stop.value) == (f"{root / 'AFW' / 'AFW_5.jpg'}: cannot decode image (cannot identify image file "
+                               f"'{root / 'AFW' / 'AFW_5.jpg'}')")
 
 
 def test_ethxgaze_subjects_train_and_validate_on_yaw_and_pitch(tmp_path):
-    root = fake_xgaze(tmp_path / "xgaze", subjects=[0, 1, 2, 3, 108, 109, 111])
+    root = fake_xgaze(tmp_path / "xgaze", subjects=[0, 1, 2, 3, 108, 109, 111], per_subject=4)
     summary = hmtl.main(tiny_args(tmp_path, "--data", "ethxgaze", "--data-root", str(root), "--train-subjects", "2",
-                                  "--task", "puzzle", "--batch-size", "8", "--cache", str(tmp_path / "cache"),
-                                  "--flip", "0.5"))
-    assert summary["train_images"] == 24 and summary["val_images"] == 36  # subjects 0, 1; 108, 109, 111
+                                  "--task", "puzzle", "--batch-size", "4", "--cache", str(tmp_path / "cache"),
+                                  "--flip", "0.5", "--epochs", "1"))
+    assert summary["train_images"] == 8 and summary["val_images"] == 12  # subjects 0, 1; 108, 109, 111
     assert summary["config"]["head"] == "reg" and summary["config"]["dropout"] == 0.4
     assert "val_mae_roll" not in summary and {"val_mae_yaw", "val_mae_pitch", "baseline_mae_mean"} <= set(summary)
     assert hmtl_data.xgaze_subjects(root, "3,", ()) == [3] and hmtl_data.xgaze_subjects(root, "3", (1,)) == [0, 2, 3]
@@ -335,10 +334,10 @@ def test_ethxgaze_subjects_train_and_validate_on_yaw_and_pitch(tmp_path):
     assert np.array_equal(rgb.numpy(), bgr[..., ::-1])
 
 
-def test_biwi_npz_evaluates_a_trained_model(tmp_path):
+@pytest.mark.xdist_group("learned")
+def test_biwi_npz_evaluates_a_trained_model(learned, tmp_path):
     npz = fake_biwi(tmp_path / "BIWI_noTrack.npz")
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
-    metrics = hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--val-data", "biwi",
+    metrics = hmtl.main(["--eval-only", "--checkpoint", str(learned["sl"][0] / "last.pt"), "--val-data", "biwi",
                          "--val-root", str(tmp_path)])
     assert metrics["val_images"] == 24 and metrics["val_data"] == "biwi"
     data = hmtl_data.biwi_arrays(npz, 32)
@@ -436,3 +435,9 @@ def test_biwi_converter_splits_by_sequence_and_reports_what_it_left_out(tmp_path
     test = hmtl_data.biwi_arrays(tmp_path / "out" / "BIWI_test.npz", 24)
     assert len(test) == 4 and np.array_equal(test.images[0], np.asarray(
         Image.fromarray(faces["17/frame_00001_rgb.png"]).resize((24, 24), Image.BILINEAR)))
+    # overlapping splits each get every face of their sequences
+    counts = biwi_to_npz.convert(tmp_path / "crops", tmp_path / "labels.npz", tmp_path / "overlap", size=24,
+                                 splits={"s1": range(1, 2), "s2": range(1, 17), "all": range(1, 25)})
+    assert (counts["kept: s1"], counts["kept: s2"], counts["kept: all"]) == (3, 6, 10)
+    with np.load(tmp_path / "overlap" / "BIWI_s2.npz") as d:
+        assert sorted(n[:2] for n in d["names"]) == ["01"] * 3 + ["16"] * 3

@@ -7,8 +7,7 @@ import pytest
 
 import hmtl
 import reproduce
-from conftest import REPO
-from test_datasets import fake_biwi
+from conftest import REPO, fake_biwi
 
 
 def test_every_figure_the_paper_gives_is_quoted_and_consistent():
@@ -46,7 +45,7 @@ def test_a_run_made_with_other_settings_is_run_again(tmp_path, monkeypatch):
 
 def test_the_real_face_benchmark_runs_end_to_end(tmp_path, monkeypatch, capsys):
     for split, seed in (("train", 0), ("test", 1)):
-        fake_biwi(tmp_path / f"BIWI_{split}.npz", n=40, seed=seed, size=40)
+        fake_biwi(tmp_path / f"BIWI_{split}.npz", n=32, seed=seed, size=32)
     tiny = ["--data", "biwi", "--arch", "resnet18", "--epochs", "1", "--milestones", "10", "--workers", "0",
             "--batch-size", "16"]
     monkeypatch.setattr(reproduce, "REAL", tiny)
@@ -57,7 +56,7 @@ def test_the_real_face_benchmark_runs_end_to_end(tmp_path, monkeypatch, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2:5] != "---" and "Row" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == ["SL", "HMTL 2x2 puzzle, flag 3, w = 50", "HMTL 2x2 puzzle w/o SSHs"]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/seed*/summary.json"))]
-    assert len(summaries) == 6 and {s["val_images"] for s in summaries} == {40}
+    assert len(summaries) == 6 and {s["val_images"] for s in summaries} == {32}
     sl = [s["val_mae_mean"] for s in summaries if s["config"]["task"] == "none"]
     assert f"**{np.mean(sl):.2f} ± {np.std(sl):.2f}**" in rows[0]
     assert (tmp_path / "results" / "biwi.png").stat().st_size > 10_000 and table in capsys.readouterr().out

@@ -25,7 +25,7 @@ def aflw_faces(folder):
 
 
 def rendered(yaw, pitch, roll):
-    _, marks, _ = hmtl_data.render_head(yaw, pitch, roll, 96, np.random.default_rng(0))
+    _, marks, _ = hmtl_data.render_head(yaw, pitch, roll, 32, np.random.default_rng(0))  # marks: any size
     return geometry(marks["right_eye"], marks["left_eye"], marks["nose_tip"])
 
 

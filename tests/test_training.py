@@ -1,6 +1,8 @@
-"""Training, checkpoints, resumption, evaluation and the command line, on tiny synthetic runs."""
+"""Training, checkpoints, resumption, evaluation and the command line, on tiny runs."""
+import contextlib
 import csv
 import errno
+import io
 import json
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hmtl
+import hmtl_runs
 from conftest import REPO, config, run_cli, tiny_args
 
 
@@ -22,58 +25,61 @@ def rows(run):
         return list(csv.DictReader(f))
 
 
-def test_a_tiny_hmtl_run_learns_and_writes_its_folder(tmp_path):
-    # AdaBelief's rectification is a warm-up over thousands of steps: this 24-step run goes without it
-    summary = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--flag", "3", "--epochs", "4", "--no-rectify"))
-    run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} == set(hmtl.RUN_FILES)
-    history = rows(run)
-    assert len(history) == 4
-    assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
-    assert float(history[-1]["val_acc_puzzle"]) > 0.4  # the auxiliary task learns (chance: 0.25)
-    saved = json.loads((run / "summary.json").read_text())
-    assert saved["val_mae_mean"] == pytest.approx(float(history[-1]["val_mae_mean"]))  # the final epoch's
-    # the baseline predicts the training mean for every validation image
-    cache = tmp_path.parent / "cache"
-    train = np.load(next(cache.glob("synthetic-train-192-32px*")) / "angles.npy")
-    val = np.load(next(cache.glob("synthetic-val-64-32px*")) / "angles.npy")
-    assert saved["baseline_mae_mean"] == pytest.approx(np.abs(val - train.mean(0)).mean(), rel=1e-5)
-    assert summary["config"]["task"] == "puzzle" and json.loads((run / "config.json").read_text())["flag"] == 3
-    # synthetic validation heads are no test set: best.pt is chosen on them, and summary.json says so
-    best = min(history, key=lambda r: float(r["val_mae_mean"]))
-    assert saved["best_pt"]["epoch"] == int(best["epoch"]) == torch.load(run / "best.pt", weights_only=True)["epoch"]
-    assert "validation set (synthetic" in saved["best_pt"]["chosen_on"]
+@pytest.mark.xdist_group("learned")
+@pytest.mark.parametrize("name", ["sl", "hmtl"])
+def test_training_learns_pose(learned, name):
+    """SL, and HMTL (rotation, the pose read off turned tiles), end far below predicting the mean."""
+    folder, summary = learned[name]
+    assert summary["val_mae_mean"] <= 0.6 * summary["baseline_mae_mean"], summary
+    with np.load(folder.parent / "train.npz") as train, np.load(folder.parent / "val.npz") as val:
+        mean_error = np.abs(val["pose"] - train["pose"].mean(0)).mean()
+    assert summary["baseline_mae_mean"] == pytest.approx(mean_error, rel=1e-5)  # predicting the training mean
+    assert {p.name for p in folder.iterdir()} == set(hmtl_runs.RUN_FILES) - {"best.pt"}  # BIWI is a test set
+    history = rows(folder)
+    assert summary["val_mae_mean"] == pytest.approx(float(history[-1]["val_mae_mean"]))  # the final epoch's
+    assert summary["best_pt"]["epoch"] is None and "is a test set" in summary["best_pt"]["chosen_on"]
+    if name == "hmtl":
+        assert float(history[-1]["val_acc_rotation"]) > 0.5  # the SS heads learn too (chance: 0.25)
+
+
+@pytest.mark.xdist_group("learned")
+def test_eval_only_reproduces_the_final_checkpoints_mae(learned):
+    folder, summary = learned["hmtl"]
+    metrics = hmtl.main(["--eval-only", "--checkpoint", str(folder / "last.pt")])
+    for key in ("val_mae_yaw", "val_mae_pitch", "val_mae_roll", "val_mae_mean", "val_acc_rotation"):
+        assert metrics[key] == summary[key]
+    assert metrics["epoch"] == 5 and metrics["val_images"] == 128
 
 
 @pytest.mark.parametrize("bf16", ["0", "1"])
 def test_amp_follows_what_the_cpu_can_do_both_ways(tmp_path, monkeypatch, capsys, bf16):
     """--amp auto decides from the CPU's bf16 units; both outcomes are run here, whatever this CPU has."""
     monkeypatch.setenv("HMTL_CPU_BF16", bf16)
-    assert hmtl.cpu_has_bf16() == (bf16 == "1")
-    history = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--epochs", "3"))
-    assert f"(1 process, amp {'bf16' if bf16 == '1' else 'off'})" in capsys.readouterr().out
-    logged = rows(tmp_path / "run")
-    assert all(np.isfinite([float(v) for v in r.values()]).all() for r in logged)
-    assert float(logged[-1]["train_loss"]) < float(logged[0]["train_loss"]) and history["val_acc_puzzle"] > 0.25
+    assert hmtl_runs.cpu_has_bf16() == (bf16 == "1")
+    cfg = config("--device", "cpu")
+    rt = hmtl_runs.runtime(cfg)
+    assert rt.amp == ("bf16" if bf16 == "1" else "off")
+    with rt.autocast():
+        pose, _ = hmtl.HMTL("resnet18", 3)(torch.randn(2, 3, 32, 32))
+    assert pose.dtype == (torch.bfloat16 if bf16 == "1" else torch.float32)
+    summary = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--epochs", "1"))
+    assert f"(1 process, amp {rt.amp})" in capsys.readouterr().out and np.isfinite(summary["train_loss"])
 
 
 def test_a_killed_run_resumes_to_the_same_metrics_as_one_that_never_stopped(tmp_path):
-    args = tiny_args(tmp_path, "--task", "puzzle_rotation", "--epochs", "3", "--aug", "2", "--flip", "0.5", out="whole")
-    hmtl.main(args)
-    interrupted = tiny_args(tmp_path, "--task", "puzzle_rotation", "--epochs", "3", "--aug", "2", "--flip", "0.5",
-                            out="killed")
-    proc = subprocess.Popen([sys.executable, "hmtl.py", *interrupted], cwd=REPO,
+    args = lambda out: tiny_args(tmp_path, "--task", "puzzle_rotation", "--aug", "2", out=out)
+    hmtl.main(args("whole"))
+    proc = subprocess.Popen([sys.executable, "hmtl.py", *args("killed")], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "last.pt"
     while proc.poll() is None and not checkpoint.exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(checkpoint, weights_only=True)["epoch"] < 3, "the run ended before it could be killed"
-    resumed = run_cli(*interrupted, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(checkpoint, weights_only=True)["epoch"] < 2, "the run ended before it could be killed"
+    hmtl.main(args("killed") + ["--resume"])
     timeless = lambda run: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows(run)]
-    assert len(rows(tmp_path / "whole")) == 3
+    assert len(rows(tmp_path / "whole")) == 2
     assert timeless(tmp_path / "killed") == timeless(tmp_path / "whole")  # every digit of every metric
 
 
@@ -93,109 +99,43 @@ def test_a_tiny_run_learns_on_the_gpu_and_resumes_there(tmp_path, amp, capsys):
     assert bool(state["scaler"]) == (amp == "fp16")  # fp16 alone scales the loss
 
 
-def test_eval_only_reproduces_the_final_and_the_best_checkpoints_mae(tmp_path):
-    hmtl.main(tiny_args(tmp_path, "--task", "rotation", "--epochs", "3"))
-    for name in ("last.pt", "best.pt"):
-        state = torch.load(tmp_path / "run" / name, weights_only=True)
-        recorded = state["history"][state["epoch"] - 1]
-        metrics = hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / name), "--cache",
-                             str(tmp_path.parent / "cache")])
-        assert metrics["epoch"] == recorded["epoch"]
-        for key in ("val_mae_yaw", "val_mae_pitch", "val_mae_roll", "val_mae_mean", "val_acc_rotation"):
-            assert metrics[key] == recorded[key]
-
-
-def test_holdout_chooses_best_pt_on_training_images(tmp_path):
-    summary = hmtl.main(tiny_args(tmp_path, "--epochs", "3", "--holdout", "0.25"))
-    assert summary["train_images"] == 144 and "48 images held out of the training set" in summary["best_pt"]["chosen_on"]
+def test_best_pt_is_chosen_on_a_set_that_may_choose_and_eval_only_reproduces_it(tmp_path):
+    summary = hmtl.main(tiny_args(tmp_path, "--synthetic-train", "96", "--holdout", "0.25"))
+    assert summary["train_images"] == 72 and "24 images held out of the training set" in summary["best_pt"]["chosen_on"]
     history = rows(tmp_path / "run")
     best = min(history, key=lambda r: float(r["holdout_mae_mean"]))
     assert summary["best_pt"]["epoch"] == int(best["epoch"])
-    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == int(best["epoch"])
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert state["epoch"] == int(best["epoch"])
+    metrics = hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pt")])
+    assert metrics["val_mae_mean"] == state["history"][state["epoch"] - 1]["val_mae_mean"]
+    synthetic = hmtl.main(tiny_args(tmp_path, out="synthetic"))  # synthetic heads are no test set
+    assert "validation set (synthetic, not a test set)" in synthetic["best_pt"]["chosen_on"]
+    best = min(rows(tmp_path / "synthetic"), key=lambda r: float(r["val_mae_mean"]))
+    assert synthetic["best_pt"]["epoch"] == int(best["epoch"])
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = hmtl.hmtl_loss
-    calls = []
+def test_a_loss_that_is_not_finite_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = hmtl.hmtl_loss, []
 
     def poisoned(sl, ss, weight):
         calls.append(1)
-        return real(sl, ss, weight) * (float("nan") if len(calls) > 8 else 1)  # 6 steps per epoch
+        return real(sl, ss, weight) * (float("nan") if len(calls) == 3 else 1)  # step 1 of epoch 2, once
 
     monkeypatch.setattr(hmtl, "hmtl_loss", poisoned)
-    with pytest.raises(SystemExit, match="became nan at epoch 2, step 3: training stopped; .*last.pt holds epoch 1"):
+    with pytest.raises(SystemExit, match="the loss became nan in epoch 2 .read at step 2.: training stopped; "
+                                         ".*last.pt holds epoch 1"):
         hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--epochs", "3"))
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert len(rows(tmp_path / "run")) == 1
-
-
-def test_a_training_epoch_reads_back_to_the_host_only_at_its_end(tmp_path, monkeypatch):
-    """Each read of a tensor's value on the host (item, tolist, bool, float, int) makes the host wait for a GPU;
-    between read-backs (every READ_BACK_STEPS steps) hmtl.py's loop reads nothing, so it never waits."""
-    reads, counting = [], []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        method = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _method=method, _name=name):
-            caller = sys._getframe(1)  # hmtl.py's, but not the batch sampler's or Draws' (host tensors)
-            if counting and caller.f_code.co_filename == hmtl.__file__ and \
-                    not isinstance(caller.f_locals.get("self"), (torch.utils.data.Sampler, hmtl.Draws)):
-                reads.append(_name)
-            return _method(self, *args)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    real = hmtl.train_one_epoch
-
-    def epoch(*args):
-        counting.append(1)
-        try:
-            return real(*args)
-        finally:
-            counting.clear()
-    monkeypatch.setattr(hmtl, "train_one_epoch", epoch)
-    monkeypatch.setattr(hmtl, "READ_BACK_STEPS", 100)  # more than the epoch's 6 steps
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1", "--task", "puzzle"))
-    assert reads == ["tolist", "tolist"]  # the check for a non-finite loss, and the epoch's mean losses
-    reads.clear()
-    monkeypatch.setattr(hmtl, "READ_BACK_STEPS", 2)
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1", "--task", "puzzle", "--overwrite"))
-    assert reads == ["tolist", "item"] * 3 + ["tolist", "tolist"]  # and the progress bar's loss at steps 2, 4, 6
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("aug", ["1", "2", "eth41", "eth52"])
-def test_a_training_step_on_the_gpu_queues_its_work_without_waiting(aug):
-    """A step as train_one_epoch takes it -- augmentation, flip, tiles and the fused op, forward,
-    losses, backward, optimizer -- makes no synchronising call (CUDA's sync debug mode raises at one)."""
-    cfg = config("--data", "synthetic", "--arch", "resnet18", "--img-size", "32", "--batch-size", "8",
-                 "--aug", aug, "--task", "puzzle_rotation", "--ss-fraction", "0.5", "--device", "cuda", "--amp", "bf16")
-    rt = hmtl.runtime(cfg)
-    model = hmtl.build_model(cfg).to(rt.device, memory_format=torch.channels_last)
-    optimizer = hmtl.AdaBelief(model.parameters())
-    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).pin_memory()
-    angles = (torch.rand(8, 3) * 180 - 90).pin_memory()
-
-    def step(i):
-        x, target, perm, rot, shuffled = hmtl.prepare(images, angles, cfg, hmtl.seeded(0, i), 8, rt,
-                                                      task=cfg["task"], train=True)
-        with rt.autocast():
-            pose, ssl = model(x)
-        loss = hmtl.hmtl_loss(hmtl.supervised_loss(pose, target, cfg, rt.centres),
-                              hmtl.ssl_loss(ssl, {"puzzle": perm, "rotation": rot}, shuffled), cfg["ssl_weight"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step(0)  # first calls (cuDNN's choices, the optimizer's state) may synchronise once
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(1)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(hmtl, "CHECK_EVERY", 1)  # read every step: caught at step 1, before the epoch ends
+    calls.clear()
+    with pytest.raises(SystemExit, match="the loss became nan in epoch 2 .read at step 1."):
+        hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--epochs", "3", "--overwrite"))
 
 
 def test_downscale_resizes_each_image_by_its_own_drawn_factor():
-    """The batch is resized at every factor and each image keeps its own: the same, bit for bit, as
-    resizing that image alone."""
+    """Each image is resized by the factor drawn for it: the same, bit for bit, as resizing it alone."""
     x = torch.rand(12, 3, 24, 24)
     draw = lambda: hmtl.Draws(torch.Generator().manual_seed(3), 12, slice(None), torch.device("cpu"))
     factors = draw().integers(1, 5).tolist()
@@ -227,49 +167,40 @@ def test_weights_that_blow_up_are_never_saved_or_chosen(tmp_path, monkeypatch):
 
 
 def test_a_huge_learning_rate_stops_before_writing_a_checkpoint(tmp_path):
-    result = run_cli(*tiny_args(tmp_path, "--synthetic-train", "32", "--epochs", "2", "--lr", "1e10"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "became" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as stop:
+        hmtl.main(tiny_args(tmp_path, "--synthetic-train", "32", "--lr", "1e10"))
+    assert "became" in str(stop.value) and "\n" not in str(stop.value)  # one line, as the command line prints it
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
 
 
-def test_predict_and_export_refuse_a_checkpoint_with_broken_weights(tmp_path):
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    state["model"]["stem.0.weight"][0, 0, 0, 0] = float("nan")
-    torch.save(state, tmp_path / "broken.pt")
-    image = tmp_path / "face.png"
-    hmtl.Image.new("RGB", (40, 40)).save(image)
-    with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):
-        hmtl.main(["--predict", str(image), "--checkpoint", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "p")])
-    with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):
-        hmtl.main(["--export", str(tmp_path / "e"), "--checkpoint", str(tmp_path / "broken.pt")])
-
-
 def test_best_pt_is_repaired_when_a_run_stopped_between_the_two_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(hmtl, "selection_score", lambda row, prefix: -row["epoch"])  # every epoch is the best
-    real = hmtl.save_checkpoint
+    monkeypatch.setattr(hmtl_runs, "selection_score", lambda row, prefix: -row["epoch"])  # every epoch is the best
+    real, saved = hmtl_runs.save_best, []
 
-    def killed_before_best(path, state):
-        if path.name == "best.pt" and state["epoch"] == 2:
+    def killed_before_best(out):
+        saved.append(out)
+        if len(saved) == 2:
             raise KeyboardInterrupt  # as a kill between writing last.pt and best.pt
-        real(path, state)
+        real(out)
 
-    monkeypatch.setattr(hmtl, "save_checkpoint", killed_before_best)
+    monkeypatch.setattr(hmtl_runs, "save_best", killed_before_best)
+    args = lambda *more: tiny_args(tmp_path, "--synthetic-train", "32", *more)  # one step per epoch
     with pytest.raises(KeyboardInterrupt):
-        hmtl.main(tiny_args(tmp_path, "--epochs", "2"))
+        hmtl.main(args("--epochs", "2"))
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["best_epoch"] == 2
-    monkeypatch.setattr(hmtl, "save_checkpoint", real)
-    summary = hmtl.main(tiny_args(tmp_path, "--epochs", "3", "--resume"))
-    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
-    assert best["epoch"] == summary["best_pt"]["epoch"] == 3
-    hmtl.repair_best(tmp_path / "run", {**torch.load(tmp_path / "run" / "last.pt", weights_only=True)})
+    monkeypatch.setattr(hmtl_runs, "save_best", real)
+    summary = hmtl.main(args("--epochs", "2", "--resume"))  # nothing left to train: repaired only
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == summary["best_pt"]["epoch"] == 2
+    hmtl.main(args("--epochs", "3", "--resume"))
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 3
+    monkeypatch.setattr(hmtl_runs, "selection_score", lambda row, prefix: row["epoch"])  # the first stays the best
+    hmtl.main(args("--epochs", "4", "--resume"))  # last.pt replaced: best.pt keeps its own epoch
+    assert [torch.load(tmp_path / "run" / f, weights_only=True)["epoch"] for f in ("best.pt", "last.pt")] == [3, 4]
 
 
 class FullDisk:
-    """open() for hmtl.py whose files accept `room` bytes, then fail as a full disk does."""
+    """open() for hmtl_runs.py whose files accept `room` bytes, then fail as a full disk does."""
 
     def __init__(self, room, only=".pt.tmp"):
         self.room, self.only = room, only
@@ -294,7 +225,7 @@ class FullDisk:
 
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
-    monkeypatch.setattr(hmtl, "open", FullDisk(room=1_000_000), raising=False)
+    monkeypatch.setattr(hmtl_runs, "open", FullDisk(room=1_000_000), raising=False)
     with pytest.raises(SystemExit, match="cannot write .*last.pt: no space left on device .*MiB free there.*"
                                          "last.pt keeps its previous content"):
         hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume"))
@@ -304,8 +235,13 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume"))["epochs"] == 2
 
 
-def test_a_new_run_never_replaces_a_finished_one_without_overwrite(tmp_path):
+def test_a_new_run_never_replaces_another_and_resume_refuses_other_settings(tmp_path):
     hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
+    with pytest.raises(hmtl.UsageError, match=r"--resume continues .* as it began: --lr 0.01 \(the run has 0.001\), "
+                                              r"--task puzzle \(the run has none\); leave them out"):
+        hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "--lr", "0.01", "--task", "puzzle"))
+    with pytest.raises(hmtl.UsageError, match="--eval-only evaluates the run as it was trained: --lr 0.5"):
+        hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--lr", "0.5"])
     (tmp_path / "run" / "last.pt").unlink()
     finished = (tmp_path / "run" / "summary.json").read_text()
     with pytest.raises(SystemExit, match="already holds a run .*summary.json.*--overwrite to replace it"):
@@ -315,39 +251,32 @@ def test_a_new_run_never_replaces_a_finished_one_without_overwrite(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["seed"] == 5
 
 
-def test_resume_refuses_settings_that_differ_from_the_run(tmp_path):
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
-    with pytest.raises(hmtl.UsageError, match=r"--resume continues .* as it began: --lr 0.01 \(the run has 0.001\), "
-                                              r"--task puzzle \(the run has none\); leave them out"):
-        hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "--lr", "0.01", "--task", "puzzle"))
-    assert hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "--lr", "0.001"))["epochs"] == 2
-
-
 def test_ablation_and_pretraining_modes(tmp_path):
-    without = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--no-ssh", out="no_ssh"))
-    assert "train_ss_loss" in without and without["train_ss_loss"] == 0 and "val_acc_puzzle" not in without
+    without = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--no-ssh", "--epochs", "1", out="no_ssh"))
+    state = torch.load(tmp_path / "no_ssh" / "last.pt", weights_only=True)["model"]
+    assert without["train_ss_loss"] == 0 and "val_acc_puzzle" not in without and not any("ssl" in k for k in state)
     pre = hmtl.main(tiny_args(tmp_path, "--task", "rotation", "--stage", "pretrain", out="pre"))
-    assert "val_mae_mean" not in pre and pre["val_acc_rotation"] > 0
-    state = torch.load(tmp_path / "pre" / "last.pt", weights_only=True)["model"]
-    model = hmtl.HMTL("resnet18", 3, "catreg", 3)
-    hmtl.load_backbone(model, str(tmp_path / "pre" / "last.pt"), "resnet18")
-    assert torch.equal(model.state_dict()["stages.3.1.conv2.weight"], state["stages.3.1.conv2.weight"])
-    hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--init", str(tmp_path / "pre" / "last.pt"), out="fine"))
-    half = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--ss-fraction", "0.5", out="half"))
-    assert half["train_ss_loss"] > 0 and "val_acc_puzzle" in half
+    history = rows(tmp_path / "pre")
+    assert "val_mae_mean" not in pre and "val_acc_rotation" in pre
+    assert pre["best_pt"]["epoch"] == 1 + int(np.argmax([float(r["val_acc_rotation"]) for r in history]))
+    pretrained = torch.load(tmp_path / "pre" / "last.pt", weights_only=True)["model"]
+    assert not any(k.startswith("pose_heads") for k in pretrained)
+    # fine-tuning starts from the pre-trained backbone: at a learning rate of 1e-12 it stays there
+    hmtl.main(tiny_args(tmp_path, "--init", str(tmp_path / "pre" / "last.pt"), "--epochs", "1", "--lr", "1e-12",
+                        out="fine"))
+    fine = torch.load(tmp_path / "fine" / "last.pt", weights_only=True)["model"]
+    for key in ("stem.0.weight", "stages.3.1.conv2.weight"):
+        torch.testing.assert_close(fine[key], pretrained[key], rtol=0, atol=1e-6)
 
 
 def test_a_fraction_of_each_batch_is_shuffled_and_the_rest_left_alone():
     images = torch.randint(0, 256, (400, 16, 16, 3), dtype=torch.uint8)
-    cfg = {"aug": "0", "grid": 2, "flip": 0.0, "ss_fraction": 0.25, "data": "synthetic"}
-    rt = hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None))
-    x, _, perm, rot, shuffled = hmtl.prepare(images, torch.zeros(400, 3), cfg, torch.Generator().manual_seed(0), 400,
-                                             rt, task="puzzle", train=True)
+    cfg = {"aug": "0", "grid": 2, "flip": 0.0, "ss_fraction": 0.25, "data": "synthetic", "task": "puzzle"}
+    draw = hmtl.Draws(torch.Generator().manual_seed(0), 400, slice(None), torch.device("cpu"))
+    _, _, perm, rot, shuffled = hmtl.training_batch(images, torch.zeros(400, 3), cfg, draw)
     assert 0.17 < shuffled.float().mean() < 0.33
     identity = (perm == torch.arange(4)).all(1)
     assert identity[~shuffled].all() and (~identity[shuffled]).float().mean() > 0.9  # 1/24 stay by chance
-    plain = hmtl.shuffle_tiles_normalize(images, *hmtl.sample_tiles(400, 2, "none"))
-    assert torch.equal(x[~shuffled], plain[~shuffled])
 
 
 def test_defaults_are_the_papers():
@@ -366,7 +295,7 @@ def test_defaults_are_the_papers():
 def test_help_shows_the_defaults_the_presets_hold(monkeypatch):
     text = " ".join(hmtl.get_args_parser().format_help().split())
     assert "backbone (default: resnet50; quick preset resnet18)" in text
-    assert "(default: 300W-LP/AFLW2000/BIWI 20 100, ETH-XGaze 30 40; quick preset 5)" in text
+    assert "(default: 300W-LP/AFLW2000/BIWI 20 100, ETH-XGaze 30 40; quick preset 3)" in text
     monkeypatch.setitem(hmtl.QUICK, "epochs", 7)
     assert "(default: 110; quick preset 7)" in " ".join(hmtl.get_args_parser().format_help().split())
 
@@ -417,13 +346,13 @@ BAD_FLAGS = [
     (["--export", "exported", "--checkpoint", "best.pt", "--out", "elsewhere"],
      "--export uses only --checkpoint; it would ignore --out"),
     (["--boxes", "boxes.csv"], "--boxes crops the images given to --predict"),
+    (["--preview", "a.png", "--eval-only"], "--eval-only and --preview do not go together"),
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_FLAGS[:4])
-def test_bad_flags_exit_2_with_one_line_from_the_command_line(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+def test_bad_flags_exit_2_with_one_line_from_the_command_line():
+    result = run_cli("--batch-size", "0")
+    assert result.returncode == 2 and result.stderr == f"hmtl.py: error: {BAD_FLAGS[3][1]}\n", result.stderr
 
 
 @pytest.mark.parametrize("args,message", BAD_FLAGS)
@@ -440,8 +369,9 @@ def test_bad_flags_are_refused_before_any_work(args, message, capsys):
     (["--data", "300wlp", "--data-root", "/nonexistent"], "--data-root '/nonexistent' for 300wlp: missing or empty. Get 300W-LP"),
 ])
 def test_missing_files_get_one_line_naming_them(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    with pytest.raises(SystemExit) as stop:  # a SystemExit's message is what the command line prints, exit status 1
+        hmtl.main(args)
+    assert message in str(stop.value) and "\n" not in str(stop.value)
 
 
 def test_corrupt_checkpoints_and_existing_runs_are_refused(tmp_path):
@@ -455,12 +385,6 @@ def test_corrupt_checkpoints_and_existing_runs_are_refused(tmp_path):
     (tmp_path / "run" / "last.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="already holds a run"):
         hmtl.main(tiny_args(tmp_path))
-
-
-def test_eval_only_refuses_training_flags(tmp_path):
-    hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
-    with pytest.raises(hmtl.UsageError, match="--eval-only evaluates the run as it was trained: --lr 0.5"):
-        hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--lr", "0.5"])
 
 
 # Values each flag may take in the property test below: valid ones and every kind of invalid one.
@@ -483,11 +407,9 @@ FLAG_VALUES = {
 }
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(chosen=st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.integers(0, 6), max_size=5))
 def test_property_any_flags_train_a_tiny_run_or_exit_2_with_one_line(chosen, tmp_path_factory):
-    import contextlib
-    import io
     flags = [x for flag, i in chosen.items() for x in (flag, FLAG_VALUES[flag][i % len(FLAG_VALUES[flag])])]
     folder = tmp_path_factory.mktemp("flags")
     argv = ["--arch", "resnet18", "--img-size", "24", "--batch-size", "8", "--synthetic-train", "32",

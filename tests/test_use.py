@@ -1,6 +1,7 @@
 """Using a trained model: prediction with drawn axes, and export."""
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,20 +11,22 @@ from scipy.io import loadmat
 
 import hmtl
 import hmtl_data
-from conftest import tiny_args
+import hmtl_tiles
+import hmtl_use
+
+
+pytestmark = pytest.mark.xdist_group("learned")  # one process trains the runs these tests use (conftest.learned)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("trained")
-    hmtl.main(tiny_args(folder, "--task", "puzzle", "--epochs", "1"))
-    return folder / "run" / "last.pt"
+def checkpoint(learned):
+    return learned["hmtl"][0] / "last.pt"  # its SS heads are dropped: the deployable network is SL's
 
 
 def facing_side(yaw, pitch, roll, size=200):
     """Which side of the image centre the drawn facing (blue) axis points to: -1 left, +1 right."""
     image = Image.new("RGB", (size, size))
-    hmtl.draw_axes(ImageDraw.Draw(image), yaw, pitch, roll, (size / 2, size / 2), size / 3)
+    hmtl_use.draw_axes(ImageDraw.Draw(image), yaw, pitch, roll, (size / 2, size / 2), size / 3)
     blue = np.argwhere((np.asarray(image) == (0, 0, 255)).all(-1))
     return np.sign(blue[:, 1].mean() - size / 2)
 
@@ -43,27 +46,34 @@ def test_drawn_facing_axis_points_where_the_nose_is_in_real_faces(aflw_sample):
 
 
 def test_predict_writes_a_csv_and_images_with_axes(checkpoint, aflw_sample, tmp_path):
-    images = sorted(aflw_sample.glob("*.jpg"))[:10]
+    (tmp_path / "faces").mkdir()
+    for image in sorted(aflw_sample.glob("*.jpg"))[:10]:
+        (tmp_path / "faces" / image.name).write_bytes(image.read_bytes())
+    images = sorted((tmp_path / "faces").glob("*.jpg"))
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("path,x_min,y_min,x_max,y_max\n" + f"{images[0].name},100,120,300,330\n")
-    rows = hmtl.main(["--predict", *map(str, images[:5]), str(aflw_sample), "--checkpoint", str(checkpoint),
+    rows = hmtl.main(["--predict", *map(str, images[:5]), str(tmp_path / "faces"), "--checkpoint", str(checkpoint),
                       "--boxes", str(boxes), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    assert len(rows) == 5 + 100
+    assert len(rows) == 5 + 10
     with open(tmp_path / "out" / "predictions.csv") as f:
         written = list(csv.DictReader(f))
     assert [r["path"] for r in written] == [r["path"] for r in rows]
     assert set(written[0]) == {"path", "yaw", "pitch", "roll", "drawn"}
-    assert len({r["drawn"] for r in written}) == 105  # the 5 images given twice are drawn twice, apart
+    assert len({r["drawn"] for r in written}) == 15  # the 5 images given twice are drawn twice, apart
     assert all((tmp_path / "out" / r["drawn"]).is_file() for r in written)
-    assert all(-99 <= float(r[a]) <= 99 for r in written for a in ("yaw", "pitch", "roll"))
     drawn = np.asarray(Image.open(tmp_path / "out" / written[0]["drawn"]))
     assert (drawn[225, 200] == (0, 0, 255)).all()  # the axes start at the box's centre
-    # the same crop predicted directly gives the same angles
+    # every row is the network's answer on that image's crop: its box (matched by name), else the whole image
     net, cfg = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
-    crop = hmtl_data.square_crop(Image.open(images[1]).convert("RGB"), (0, 0, 450, 450), cfg["img_size"])
-    x = hmtl.shuffle_tiles_normalize(torch.from_numpy(crop.copy())[None], *hmtl.sample_tiles(1, 1, "none"))
-    direct = net(x)[0].tolist()
-    assert [float(rows[1][a]) for a in ("yaw", "pitch", "roll")] == pytest.approx(direct, abs=1e-3)
+    crop = lambda path, box: hmtl_data.square_crop(Image.open(path).convert("RGB"), box, cfg["img_size"])
+    boxed = lambda path: (100, 120, 300, 330) if Path(path).name == images[0].name else (0, 0, 450, 450)
+    with torch.no_grad():
+        direct = net(hmtl_tiles.normalize(torch.from_numpy(np.stack([crop(r["path"], boxed(r["path"]))
+                                                                     for r in written]))))
+        whole = net(hmtl_tiles.normalize(torch.from_numpy(crop(images[0], (0, 0, 450, 450))[None])))
+    csv_angles = torch.tensor([[float(r[a]) for a in ("yaw", "pitch", "roll")] for r in written])
+    torch.testing.assert_close(csv_angles, direct, atol=1e-3, rtol=0)  # rounded to 3 decimals
+    assert not torch.allclose(direct[0], whole[0], atol=0.1)  # the box made a difference
 
 
 def test_predict_refuses_a_folder_without_images(checkpoint, tmp_path):
@@ -73,24 +83,18 @@ def test_predict_refuses_a_folder_without_images(checkpoint, tmp_path):
 
 def test_export_matches_pytorch_and_has_the_sl_networks_parameters(checkpoint, tmp_path):
     report = hmtl.main(["--export", str(tmp_path / "exported"), "--checkpoint", str(checkpoint)])
-    sl = hmtl.HMTL("resnet18", 3, "catreg", 3, task="none")
+    sl = hmtl.HMTL("resnet18", 3, "catreg", 3, task="none")  # no SS branch
     assert report["parameters"] == sum(p.numel() for p in sl.parameters())
     assert report["torch.export"] <= 1e-3
-    program = torch.export.load(tmp_path / "exported" / "hmtl.pt2").module()
+    assert json.loads((tmp_path / "exported" / "export.json").read_text()) == report
     net, _ = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
     x = torch.randn(5, 3, 32, 32)  # another batch size than the one exported with
+    program = torch.export.load(tmp_path / "exported" / "hmtl.pt2").module()
     torch.testing.assert_close(program(x), net(x), atol=1e-3, rtol=0)
-    assert json.loads((tmp_path / "exported" / "export.json").read_text()) == report
-
-
-def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    report = hmtl.main(["--export", str(tmp_path / "exported"), "--checkpoint", str(checkpoint)])
     assert report["onnx"] <= 1e-3
     session = ort.InferenceSession(str(tmp_path / "exported" / "hmtl.onnx"))
-    net, _ = hmtl.trained_estimator(checkpoint, torch.device("cpu"))
-    x = torch.randn(7, 3, 32, 32)
     np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], net(x).detach().numpy(), atol=1e-3)
 
 
@@ -150,3 +154,15 @@ def test_unmatched_box_rows_are_reported(checkpoint, tmp_path, capsys):
     rows = hmtl.main(["--predict", str(tmp_path / "face.png"), "--checkpoint", str(checkpoint), "--boxes",
                       str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "out")])
     assert len(rows) == 1 and "1 row(s) match no image given to --predict, lines 3" in capsys.readouterr().err
+
+
+def test_predict_and_export_refuse_a_checkpoint_with_broken_weights(checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["stem.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "broken.pt")
+    image = tmp_path / "face.png"
+    Image.new("RGB", (40, 40)).save(image)
+    with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):
+        hmtl.main(["--predict", str(image), "--checkpoint", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "p")])
+    with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):
+        hmtl.main(["--export", str(tmp_path / "e"), "--checkpoint", str(tmp_path / "broken.pt")])

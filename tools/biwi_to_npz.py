@@ -9,7 +9,8 @@ OUT/BIWI_<name>.npz per split, by default BIWI_train.npz (sequences 01-16) and B
 (sequences 17-24), each holding `image` N x S x S x 3 uint8 in BGR order (FSA-Net's files were
 written by OpenCV), `pose` N x 3 (yaw, pitch, roll in degrees) and `names`: hmtl.py reads them with
 --data biwi / --val-data biwi. `--splits devtrain=1-12 devval=13-16` makes a development split of
-the training sequences, to choose settings on without touching the test sequences.
+the training sequences, to choose settings on without touching the test sequences. Splits may
+overlap: each gets every face of its sequences.
 
 Crops are resized to S x S (they are square to within a pixel). As in FSA-Net's protocol, faces
 with an angle beyond ±99° are left out; empty or unreadable crops, crops without a label and
@@ -78,15 +79,15 @@ def convert(crops, labels, out, size=128, every=1, splits=SPLITS):
             if path.stat().st_size:
                 print(f"{path}: unreadable ({e})", file=sys.stderr)
             continue
-        split = next((name for name, span in splits.items() if sequence in span), None)
-        if split is None:
+        chosen = [split for split, span in splits.items() if sequence in span]  # splits may overlap
+        if not chosen:
             counts["left out: a sequence in no split"] += 1
-            continue
-        images, poses, kept = found[split]
-        images.append(np.asarray(face)[..., ::-1])  # RGB -> BGR, as FSA-Net's files
-        poses.append(pose)
-        kept.append(name)
-        counts[f"kept: {split}"] += 1
+        for split in chosen:
+            images, poses, kept = found[split]
+            images.append(np.asarray(face)[..., ::-1])  # RGB -> BGR, as FSA-Net's files
+            poses.append(pose)
+            kept.append(name)
+            counts[f"kept: {split}"] += 1
     present = {f"{p.parent.name}/{p.name}" for p in files}
     counts["labels without a crop"] = sum(n not in present for n in names)
     out.mkdir(parents=True, exist_ok=True)
