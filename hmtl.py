@@ -21,6 +21,7 @@ hmtl_flags.py (the command line's checks); docs/method.md (the conventions).
 """
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 import hmtl_use
 from hmtl_data import (CROP_PROTOCOLS, DATASETS, TEST_SETS, DataError, GlobalBatches, angle_names,
-                       data_loader, load_split, seeded, split_holdout)
+                       data_loader, every_kth, load_split, seeded, split_holdout)
 from hmtl_flags import (Parser, UsageError, action_of, bounded, check_combinations, help_default,
                         refuse_changes, subject_list)
 from hmtl_runs import Run, load_checkpoint, rank0_first, runtime, start_folder, sum_over_processes
@@ -375,6 +376,14 @@ def downscale(x, draw):  # resolution divided by 1, 2, 3 or 4, then brought back
     return out
 
 
+def translate(x, draw):  # shifted by up to 1/16 of the side each way, edges repeated: 64 px crops of 72 px
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = draw.uniform(-0.125, 0.125, 2)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
 def cutout(x, draw):  # a square of side U[0.1, 0.4]·H at a random centre, set to the mean colour
     n, _, h, w = x.shape
     half, cy, cx = draw.uniform(0.05, 0.2), draw.uniform(0, 1), draw.uniform(0, 1)
@@ -384,9 +393,11 @@ def cutout(x, draw):  # a square of side U[0.1, 0.4]·H at a random centre, set 
     return torch.where(inside[:, None], torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None], x)
 
 
-# Level 1 and 2: the 300W-LP runs; eth41 / eth52: the ETH-XGaze sets of sections 4.1 and 5.2.
+# Level 1 and 2: the 300W-LP runs; eth41 / eth52: the ETH-XGaze sets of sections 4.1 and 5.2;
+# shift: translation crops, not the paper's (docs/method.md, section 8).
 AUGMENTATIONS = {"0": (), "1": (zoom, contrast), "2": (zoom, contrast, blur, downscale, cutout),
-                 "eth41": (zoom, hue), "eth52": (zoom, noise, cutout, hue, brightness, contrast)}
+                 "eth41": (zoom, hue), "eth52": (zoom, noise, cutout, hue, brightness, contrast),
+                 "shift": (translate,)}
 MIRRORED = {"yaw": -1.0, "pitch": 1.0, "roll": -1.0}  # a left-right flip negates yaw and roll
 
 
@@ -456,7 +467,7 @@ def stop_unless_finite(loss, epoch, step):
 
 
 def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
-    """One pass over the training set, each image shuffled anew (its permutation drawn per step)."""
+    """One epoch: a pass over the training set (or --epoch-steps steps), every image shuffled anew."""
     model.train()
     totals, seen, start = torch.zeros(3, device=rt.device), 0, time.perf_counter()
     bar = tqdm(loader, f"epoch {epoch + 1}/{cfg['epochs']}", disable=rt.rank != 0, leave=False,
@@ -538,7 +549,7 @@ def evaluate_checkpoint(given):
     metrics |= {"checkpoint": str(given["checkpoint"]), "epoch": state["epoch"], "val_data": cfg["val_data"],
                 "val_images": len(val_set)}
     if rt.rank == 0:
-        print(metrics)
+        print(json.dumps(metrics, indent=1))
     return metrics
 
 
@@ -577,6 +588,8 @@ def train(cfg, state=None):
     rt = runtime(cfg)
     run = Run(cfg, rt, state, val_is_test_set=cfg["val_data"] in TEST_SETS)
     train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
+    if cfg["train_every"] > 1:
+        train_set = every_kth(train_set, cfg["train_every"], cfg["seed"])
     evaluated = {"val": val_set}
     if cfg["holdout"]:
         train_set, evaluated["holdout"] = split_holdout(train_set, cfg["holdout"], cfg["seed"])
@@ -587,12 +600,14 @@ def train(cfg, state=None):
     if cfg["sync_bn"] and rt.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = AdaBelief(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                          rectify=cfg["rectify"])
+                          rectify=cfg["rectify"]) if cfg["optimizer"] == "adabelief" else \
+        torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["milestones"], gamma=0.1)
     first = run.start(model, optimizer, scheduler, train_set, evaluated, angle_names(cfg["data"]))
     trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
-    batches = GlobalBatches(len(train_set), cfg["batch_size"], cfg["seed"], True, True, rt.rank, rt.world)
-    if len(batches) == 0:
+    batches = GlobalBatches(len(train_set), cfg["batch_size"], cfg["seed"], True, True, rt.rank, rt.world,
+                            cfg["epoch_steps"])
+    if len(batches) == 0 or len(train_set) == 0:
         raise SystemExit(f"{len(train_set)} training images make no batch of {cfg['batch_size']}")
     loader = data_loader(train_set, batches, cfg, rt)
     loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in evaluated.items()}
@@ -614,9 +629,10 @@ def train(cfg, state=None):
 # With no --data, synthetic heads train under a quick preset (QUICK) sized for a laptop CPU.
 DEFAULTS = dict(data="synthetic", task="none", flag=3, grid=2, stage="train", no_ssh=False, ss_fraction=1.0,
                 arch="resnet50", init="random", bin_width=3.0, alpha=2.0, ssl_dropout=0.2, epochs=110,
-                batch_size=64, lr=1e-3, weight_decay=0.0, rectify=True, img_size=224, flip=0.5, amp="auto",
+                epoch_steps=None, batch_size=64, optimizer="adabelief", lr=1e-3, weight_decay=0.0,
+                rectify=True, img_size=224, flip=0.5, amp="auto",
                 sync_bn=False, seed=0, workers=4, device="auto", data_root=None, val_data=None, val_root=None,
-                aflw2000_reduced=False, crop="hopenet", holdout=0.0, train_subjects="1",
+                aflw2000_reduced=False, crop="hopenet", holdout=0.0, train_every=1, train_subjects="1",
                 val_subjects="108,109,111", cache=None, synthetic_train=20000, synthetic_val=2000, out=None)
 PAPER = {"300wlp": dict(head="catreg", dropout=0.5, ssl_weight=50.0, milestones=[20, 100], aug="1"),
          "ethxgaze": dict(head="reg", dropout=0.4, ssl_weight=1.0, milestones=[30, 40], aug="eth41")}
@@ -660,14 +676,17 @@ def get_args_parser():
     add(g, "--ssl-dropout", "in each SS branch", type=bounded(float, 0, below=1))
     g = p.add_argument_group("training")
     add(g, "--epochs", "", type=bounded(int, 1))
+    add(g, "--epoch-steps", "optimiser steps per epoch, from a stream of passes over the training set "
+        "(none: one pass)", type=bounded(int, 1))
     add(g, "--milestones", "epochs after which the learning rate drops x0.1", type=bounded(int, 1), nargs="+")
     add(g, "--batch-size", "the global batch, over all processes", type=bounded(int, 2))
-    add(g, "--lr", "AdaBelief's learning rate", type=bounded(float, above=0))
+    add(g, "--optimizer", "AdaBelief (the paper's) or AdamW", choices=("adabelief", "adamw"))
+    add(g, "--lr", "learning rate", type=bounded(float, above=0))
     add(g, "--weight-decay", "decoupled weight decay", type=bounded(float, 0))
     add(g, "--rectify", "AdaBelief's rectification (a warm-up), on as in the official package",
         action=argparse.BooleanOptionalAction)
     add(g, "--img-size", "input side in pixels", type=bounded(int, 16))
-    add(g, "--aug", "augmentation: 0, 1, 2, eth41, eth52", choices=tuple(AUGMENTATIONS))
+    add(g, "--aug", "augmentation: 0, 1, 2, eth41, eth52, shift", choices=tuple(AUGMENTATIONS))
     add(g, "--flip", "probability of HopeNet's horizontal flip (yaw and roll negated)",
         type=bounded(float, 0, 1))
     add(g, "--amp", "mixed precision; auto: bf16 on CUDA and on CPUs with bf16 units, else off",
@@ -687,6 +706,8 @@ def get_args_parser():
         "included) or visible (visible landmarks only)", choices=CROP_PROTOCOLS)
     add(g, "--holdout", "hold out this fraction of the training set to choose best.pt on",
         type=bounded(float, above=0, below=1))
+    add(g, "--train-every", "train on every k-th training image (offset drawn from --seed)",
+        type=bounded(int, 1))
     add(g, "--train-subjects", "ETH-XGaze: a count k or a list 0,3,5", type=subject_list)
     add(g, "--val-subjects", "ETH-XGaze", type=subject_list)
     add(g, "--cache", "decode every crop once into a memory-mapped cache in this folder")

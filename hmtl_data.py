@@ -103,21 +103,32 @@ def seeded(*keys):
 
 class GlobalBatches(torch.utils.data.Sampler):
     """One global batch order per epoch, drawn from (seed, epoch); process `rank` of `world` takes
-    samples rank::world of each global batch, so any number of processes sees the same batches."""
+    samples rank::world of each global batch, so any number of processes sees the same batches.
+    With `steps`, an epoch is that many batches cut from an endless stream of shuffled passes over
+    the n samples (each pass its own permutation): a set smaller than a batch still fills one."""
 
-    def __init__(self, n, batch, seed, shuffle, drop_last, rank=0, world=1):
+    def __init__(self, n, batch, seed, shuffle, drop_last, rank=0, world=1, steps=None):
         self.n, self.batch, self.seed, self.shuffle, self.drop_last = n, batch, seed, shuffle, drop_last
-        self.rank, self.world, self.epoch = rank, world, 0
+        self.rank, self.world, self.steps, self.epoch = rank, world, steps, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
+        if self.steps:
+            return self.steps
         return self.n // self.batch if self.drop_last else math.ceil(self.n / self.batch)
 
+    def permutation(self, k):
+        return torch.randperm(self.n, generator=seeded(self.seed, "order", k))
+
     def __iter__(self):
-        order = torch.randperm(self.n, generator=seeded(self.seed, "order", self.epoch)) if self.shuffle \
-            else torch.arange(self.n)
+        if self.steps:
+            first = self.epoch * self.steps * self.batch  # this epoch's place in the stream
+            passes = range(first // self.n, (first + self.steps * self.batch - 1) // self.n + 1)
+            order = torch.cat([self.permutation(k) for k in passes])[first - passes[0] * self.n:]
+        else:
+            order = self.permutation(self.epoch) if self.shuffle else torch.arange(self.n)
         for b in range(len(self)):
             rows = order[b * self.batch:(b + 1) * self.batch][self.rank::self.world]
             if len(rows):
@@ -129,6 +140,13 @@ def data_loader(dataset, batches, cfg, rt):
     workers = 0 if is_arrays(dataset) else cfg["workers"]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)
+
+
+def every_kth(dataset, k, seed):
+    """Every k-th sample from an offset drawn from `seed`: in a set ordered by person and frame (BIWI),
+    a share of the frames drawn evenly over all people."""
+    offset = int(np.random.default_rng([seed, 11]).integers(k))
+    return Subset(dataset, np.arange(offset, len(dataset), k))
 
 
 def split_holdout(dataset, fraction, seed):

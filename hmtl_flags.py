@@ -75,12 +75,14 @@ def check_combinations(cfg):
         (cfg["img_size"] // cfg["grid"] < 4,
          f"--grid {cfg['grid']} cannot tile a {cfg['img_size']} px image: tiles need 4 px or more"),
         (cfg["grid"] < 2 and "puzzle" in cfg["task"], f"--task {cfg['task']} needs --grid 2 or more"),
-        (cfg["stage"] == "pretrain" and not ss, "--stage pretrain needs an SS --task (puzzle, rotation or puzzle_rotation)"),
+        (cfg["stage"] == "pretrain" and not ss,
+         "--stage pretrain needs an SS --task (puzzle, rotation or puzzle_rotation)"),
         (cfg["no_ssh"] and not ss, "--no-ssh needs a --task: it is HMTL on shuffled inputs without the SS heads"),
         (cfg["ss_fraction"] < 1 and not ss, "--ss-fraction needs an SS --task"),
         (cfg["head"] == "catreg" and abs(198 / cfg["bin_width"] - round(198 / cfg["bin_width"])) > 1e-9,
          f"--bin-width {cfg['bin_width']:g} does not divide the 198° span of the bins"),
-        (cfg["data"] == "synthetic" and round(cfg["synthetic_train"] * (1 - cfg["holdout"])) < cfg["batch_size"],
+        (cfg["data"] == "synthetic" and not cfg["epoch_steps"] and
+         round(cfg["synthetic_train"] / cfg["train_every"] * (1 - cfg["holdout"])) < cfg["batch_size"],
          f"--synthetic-train {cfg['synthetic_train']} (less --holdout) makes no batch of {cfg['batch_size']}"),
     ]
     for bad, message in problems:

@@ -196,9 +196,10 @@ class Run:
         if self.writes:
             self.out.mkdir(parents=True, exist_ok=True)
             write_atomically(self.out / "config.json", lambda f: f.write(json.dumps(self.cfg, indent=1).encode()))
+            processes = f"{self.rt.world} process{'es' if self.rt.world > 1 else ''}"
+            sizes = ", ".join(f"{n} {SPLIT_NAMES[p]}" for p, n in self.sizes.items())
             print(f"{'resuming' if self.state else 'starting'} {self.out} at epoch {len(self.history) + 1} on "
-                  f"{self.rt.device} ({self.rt.world} process{'es' if self.rt.world > 1 else ''}, amp {self.rt.amp})"
-                  f"\n{json.dumps(self.cfg)}\n" + ", ".join(f"{n} {SPLIT_NAMES[p]}" for p, n in self.sizes.items()) + " images")
+                  f"{self.rt.device} ({processes}, amp {self.rt.amp})\n{json.dumps(self.cfg)}\n{sizes} images")
         return len(self.history)
 
     def kept(self, epoch):
@@ -206,8 +207,8 @@ class Run:
 
     @contextlib.contextmanager
     def epoch(self, epoch):
-        """Yields the epoch's row to fill. Ctrl-C (or SIGTERM under torchrun) and a loss that is not finite
-        stop the run with one line saying what last.pt holds: the last finished epoch."""
+        """Yields the epoch's row to fill. Ctrl-C and a loss that is not finite stop the run with one line
+        saying what last.pt holds: the last finished epoch."""
         row, began = {"epoch": epoch + 1}, time.perf_counter()
         try:
             yield row
@@ -301,6 +302,8 @@ def plot_curves(out, history, names, baseline):
         right.set(ylabel="SS accuracy")
     right.set(xlabel="epoch", title=out.name)
     right.legend()
+    for axes in (left, right):
+        axes.xaxis.get_major_locator().set_params(integer=True)
     fig.tight_layout()
     write_atomically(out / "curves.png", lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)

@@ -133,7 +133,8 @@ def reference_normalize(x, perm, rot, mean, std):
     if x.dtype != torch.uint8:
         raise TypeError(f"{op}: x must be uint8, got {x.dtype}")
     if len(mean) != x.shape[3] or len(std) != x.shape[3]:
-        raise ValueError(f"{op}: mean and std need one value per channel ({x.shape[3]}), got {len(mean)} and {len(std)}")
+        raise ValueError(f"{op}: mean and std need one value per channel ({x.shape[3]}), got {len(mean)} and "
+                         f"{len(std)}")
     if not all(s > 0 and math.isfinite(s) for s in std) or not all(math.isfinite(m) for m in mean):
         raise ValueError(f"{op}: need finite mean and std > 0, got mean {list(mean)} and std {list(std)}")
     scale, shift = normalize_affine(mean, std, x.device)

@@ -167,8 +167,10 @@ def real_configurations(folder, dev, ablations):
 def slug(flags):
     """A run folder's name: its method flags, readable, then a hash of all its flags."""
     method = {"--task", "--flag", "--grid", "--no-ssh", "--stage", "--init", "--bin-width", "--aug", "--data",
-              "--train-subjects", "--synthetic-train", "--ssl-weight", "--ss-fraction", "--img-size", "--flip"}
-    parts = [f.lstrip("-") + ("" if f == "--no-ssh" else "=" + Path(flags[i + 1]).name[:20])
+              "--train-subjects", "--synthetic-train", "--ssl-weight", "--ss-fraction", "--img-size", "--flip",
+              "--train-every", "--head", "--optimizer", "--dropout", "--no-rectify", "--epochs", "--data-root"}
+    valueless = lambda i: i + 1 == len(flags) or flags[i + 1].startswith("--")
+    parts = [f.lstrip("-") + ("" if valueless(i) else "=" + Path(flags[i + 1]).name[:20])
              for i, f in enumerate(flags) if f in method]
     return "_".join(parts) + "_" + hashlib.sha1(json.dumps(flags).encode()).hexdigest()[:8]
 
@@ -266,6 +268,13 @@ def main():
     p.add_argument("--real", metavar="DIR", help="the real-face benchmark on BIWI, from DIR/BIWI_{train,test}.npz")
     p.add_argument("--ablations", action="store_true", help="--real: also the variants of HMTL")
     p.add_argument("--dev", action="store_true", help="--real: the flip study on the development split")
+    p.add_argument("--scarcity", action="store_true", help="--real: where HMTL helps: the recipe study on the "
+                   "development split, then SL and HMTL against the training set's size (frames, people) and length")
+    p.add_argument("--middle-seeds", type=int, help="--scarcity: seeds of the middle sizes (default: --seeds)")
+    p.add_argument("--aflw2000", metavar="DIR", help="--scarcity: also score every final model on these AFLW2000 "
+                   "faces (never trained on, never choosing)")
+    p.add_argument("--report", action="store_true", help="--scarcity: write the tables and figure from the runs "
+                   "that finished; train nothing")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ablation-seeds", type=int, default=2, help="--real --ablations: seeds of each variant")
     p.add_argument("--runs", help="runs folder (runs/paper, runs/paper-quick or runs/biwi)")
@@ -278,7 +287,7 @@ def main():
         print(f"{args.seeds} seeds, {args.plan:g} training images/s per GPU\n\n{plan(args.plan, args.seeds, args.gpus)}")
         return
     if args.real:
-        return real_faces(args)
+        return scarcity(args) if args.scarcity else real_faces(args)
     env = {k: os.environ.get(k, "") for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT", "BIWI_NPZ")}
     if not args.quick and not all(env[k] for k in ("ETHXGAZE_ROOT", "W300LP_ROOT", "AFLW2000_ROOT")):
         raise SystemExit("set ETHXGAZE_ROOT, W300LP_ROOT and AFLW2000_ROOT (and optionally BIWI_NPZ), "
@@ -478,3 +487,156 @@ def real_figure(results, path, dev):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- where does HMTL help?
+# BIWI again, the training set's size varied by frames (every k-th frame of all 16 people, from a
+# seeded offset) and by people (sequences 01-04, 01-08), and its length tripled. Every run takes the
+# same number of optimiser steps, so that a small set is not also a short run: 2,000 steps of 64
+# (lr x0.1 after 1,500), the test set scored every 500. The recipe is chosen on the development
+# split (01-12 -> 13-16) only.
+STUDY = ["--data", "biwi", "--arch", "resnet18", "--img-size", "64", "--workers", "0", "--epoch-steps", "500",
+         "--epochs", "4", "--milestones", "3"]
+LONG = ["--epochs", "12", "--milestones", "9"]  # 6,000 steps
+METHODS = {"SL": [], "HMTL": HMTL_2X2, "HMTL w/o SSHs": HMTL_2X2 + ["--no-ssh"]}
+FRAMES = (256, 32, 4, 1)
+PEOPLE = (4, 8)
+RECIPE_STUDY = {"paper's settings": [], "no rectification": ["--no-rectify"], "reg heads": ["--head", "reg"],
+                "translation crops": ["--aug", "shift"], "Dropout 0.4": ["--dropout", "0.4"],
+                "AdamW": ["--optimizer", "adamw"]}
+RECIPES = {"paper": []}
+
+
+def study_runs(folder, args):
+    """[(group, size, recipe, method, flags, seeds)] of the study, in the order they run."""
+    data = lambda train, test: STUDY + ["--data-root", str(Path(folder) / f"BIWI_{train}.npz"),
+                                        "--val-data", "biwi", "--val-root", str(Path(folder) / f"BIWI_{test}.npz")]
+    middle = args.middle_seeds or args.seeds
+    rows = [("recipe", name, "dev", "SL", data("devtrain", "devval") + flags, args.ablation_seeds)
+            for name, flags in RECIPE_STUDY.items()]
+    ends = (FRAMES[0], FRAMES[-1])
+    for recipe, recipe_flags in RECIPES.items():  # the ends first: the middle sizes may be cut short of seeds
+        for k in ends + tuple(k for k in FRAMES if k not in ends and recipe == "paper"):
+            for method, flags in METHODS.items():
+                seeds = args.seeds if k in ends else middle
+                rows.append(("frames", k, recipe, method, data("train", "test") + recipe_flags + flags +
+                             ["--train-every", str(k)], seeds))
+    for people in PEOPLE:
+        for method, flags in METHODS.items():
+            rows.append(("people", people, "paper", method, data(f"p{people}", "test") + flags, middle))
+    for method, flags in METHODS.items():
+        rows.append(("long", 3, "paper", method, data("train", "test") + flags + LONG, middle))
+    return rows
+
+
+def scarcity(args):
+    """Runs the study (or, with --report, only reads what finished), then writes results/scarcity.md and .png."""
+    needed = ["train", "test", "devtrain", "devval"] + [f"p{p}" for p in PEOPLE]
+    missing = [n for n in needed if not (Path(args.real) / f"BIWI_{n}.npz").is_file()]
+    if missing:
+        raise SystemExit(f"--real {args.real}: no {', '.join(f'BIWI_{n}.npz' for n in missing)} there; make them with "
+                         f"tools/biwi_to_npz.py ... --splits train=1-16 test=17-24 devtrain=1-12 devval=13-16 "
+                         f"p4=1-4 p8=1-8")
+    runs, out = Path(args.runs or "runs/scarcity"), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, results = study_runs(args.real, args), []
+    total, done = sum(r[-1] for r in rows), 0
+    for group, size, recipe, method, flags, seeds in rows:
+        summaries = []
+        for seed in range(seeds):
+            done += 1
+            folder = runs / slug(flags) / f"seed{seed}"
+            if args.report:
+                summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() \
+                    else {"skipped": "not run yet"}
+            else:
+                print(f"[{done}/{total}] {group} {size}, {recipe}, {method}, seed {seed} -> {folder}", flush=True)
+                summary = run(flags + ["--seed", str(seed)], folder)
+            if args.aflw2000 and "val_mae_mean" in summary:
+                summary["aflw2000"] = evaluate_on(folder, "eval_aflw2000", [
+                    "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"])
+            summaries.append(summary)
+        results.append((group, size, recipe, method, summaries))
+    text = scarcity_tables(results, args)
+    (out / "scarcity.md").write_text(text)
+    print("\n" + text)
+    scarcity_figure(results, out / "scarcity.png")
+    print(f"wrote {out / 'scarcity.md'} and {out / 'scarcity.png'}")
+
+
+def pitch_offsets(folder):
+    """Mean pitch of each training sequence of BIWI_train.npz: largely a per-person zero of the labels."""
+    with np.load(Path(folder) / "BIWI_train.npz") as d:
+        sequences = np.array([int(str(n)[:2]) for n in d["names"]])
+        return {q: float(d["pose"][sequences == q, 1].mean()) for q in sorted(set(sequences))}
+
+
+def scarcity_tables(results, args):
+    done = lambda summaries: [s for s in summaries if "val_mae_mean" in s]
+    mean = lambda summaries, key="val_mae_mean": mean_std([s.get(key) for s in done(summaries)])
+    found = {(g, size, recipe, method): summaries for g, size, recipe, method, summaries in results}
+    lines = ["# Where does HMTL help? BIWI, ResNet18 at 64 px, 2,000 steps of 64 per run", "",
+             "Every run: 2,000 optimiser steps of 64 images (lr x0.1 after 1,500), catreg heads, w = 50, "
+             "augmentation level 1, flips; MAE of the final model in degrees, mean ± std over the seeds "
+             "(n: seeds finished). Choices were made on the development split (01-12 -> 13-16) only.", "",
+             "## The recipe (development split, SL)", "", "| recipe | n | yaw | pitch | roll | mean | vs paper's |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    base = mean(found.get(("recipe", "paper's settings", "dev", "SL"), []))
+    for name in RECIPE_STUDY:
+        s = found[("recipe", name, "dev", "SL")]
+        m = mean(s)
+        versus = f"{(m[0] / base[0] - 1) * 100:+.0f}%" if m and base and name != "paper's settings" else "–"
+        lines.append(f"| {name} | {len(done(s))} | " + " | ".join(cell(mean(s, f"val_mae_{a}")) for a in ANGLES)
+                     + f" | **{cell(m)}** | {versus} |")
+    cross = " | AFLW2000 sample (95): SL | HMTL" if args.aflw2000 else ""
+    for group, title, sizes in (("frames", "Frames: every k-th frame of sequences 01-16 -> 17-24", FRAMES),
+                                ("people", "People: sequences 01-04 and 01-08 -> 17-24", PEOPLE),
+                                ("long", "Length: all frames, 6,000 steps", (3,))):
+        lines += ["", f"## {title}", "", "| recipe | size | training faces | SL | HMTL | HMTL w/o SSHs | HMTL vs SL"
+                  + cross + " |", "| --- " * (7 + 2 * bool(args.aflw2000)) + "|"]
+        for recipe in RECIPES:
+            for size in sizes:
+                cells = [found.get((group, size, recipe, m)) for m in METHODS]
+                if cells[0] is None:
+                    continue
+                faces = {done(c)[0]["train_images"] for c in cells if done(c)}
+                sl, hm = mean(cells[0]), mean(cells[1])
+                gap = f"{(hm[0] / sl[0] - 1) * 100:+.0f}%" if sl and hm else "–"
+                row = (f"| {recipe} | {size} | {', '.join(map(str, sorted(faces))) or '–'} | " +
+                       " | ".join(f"{cell(mean(c))} (n {len(done(c))})" for c in cells) + f" | {gap} |")
+                if args.aflw2000:
+                    row += "".join(f" {cell(mean(c, 'aflw2000'))} |" for c in cells[:2])
+                lines.append(row)
+    offsets = pitch_offsets(args.real)
+    lines += ["", "Mean pitch of each training sequence (°): " +
+              ", ".join(f"{q:02d}: {v:+.1f}" for q, v in offsets.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def scarcity_figure(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, panels = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, group, xlabel in ((panels[0], "frames", "training faces (every k-th frame of 16 people)"),
+                              (panels[1], "people", "training people (sequences)")):
+        for (recipe, method), colour in zip([(r, m) for r in RECIPES for m in METHODS], plt.cm.tab10.colors):
+            points = []
+            for g, size, rec, meth, summaries in results:
+                values = [s["val_mae_mean"] for s in summaries if "val_mae_mean" in s]
+                if rec == recipe and meth == method and values and (g == group or (g, group) == ("frames", "people")
+                                                                    and size == 1):
+                    faces = next(s["train_images"] for s in summaries if "val_mae_mean" in s)
+                    x = faces if group == "frames" else (16 if g == "frames" else size)
+                    points.append((x, np.mean(values), np.std(values)))
+            if points:
+                x, m, sd = map(np.array, zip(*sorted(points)))
+                ls = "-" if recipe == "paper" else "--"
+                ax.plot(x, m, ls, marker="o", color=colour, label=f"{method} ({recipe})")
+                ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.15)
+        ax.set(xscale="log" if group == "frames" else "linear", xlabel=xlabel, ylabel="test MAE (°), final model",
+               title="BIWI 17-24, 2,000 steps a run")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

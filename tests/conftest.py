@@ -54,9 +54,9 @@ def learned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("learned")
     train = fake_biwi(folder / "train.npz", n=512, seed=0, size=32, one_look=True)
     val = fake_biwi(folder / "val.npz", n=128, seed=1, size=32, one_look=True)
-    common = ["--data", "biwi", "--data-root", str(train), "--val-root", str(val), "--img-size", "32", "--arch",
-              "resnet18", "--batch-size", "32", "--no-rectify", "--aug", "0", "--flip", "0", "--amp", "off", "--workers", "0",
-              "--device", "cpu"]
+    common = ["--data", "biwi", "--data-root", str(train), "--val-root", str(val), "--img-size", "32",
+              "--arch", "resnet18", "--batch-size", "32", "--no-rectify", "--aug", "0", "--flip", "0", "--amp", "off",
+              "--workers", "0", "--device", "cpu"]
     runs = {"sl": ["--epochs", "2", "--milestones", "1"],
             "hmtl": ["--epochs", "5", "--milestones", "4", "--task", "rotation", "--ssl-weight", "1"]}
     return {name: (folder / name, hmtl.main(common + flags + ["--out", str(folder / name)]))

@@ -174,22 +174,45 @@ def test_ss_loss_averages_over_the_shuffled_images_only():
     assert hmtl.ssl_loss(logits, labels, torch.zeros(3, dtype=torch.bool)).item() == 0
 
 
-def test_the_ss_labels_describe_the_image_that_reaches_the_network():
-    """A training batch's labels are the tiles actually moved: with g = 3 and puzzle-rotation, a label
-    inverted (the permutation's inverse, or 4 - k for a turn) would name another tile or corner."""
+class Recorder(torch.nn.Module):
+    """A stand-in network that keeps what it was fed and answers zeros (one weight, so that a step runs)."""
+
+    def __init__(self, grid=3):
+        super().__init__()
+        self.weight, self.grid, self.seen = torch.nn.Parameter(torch.zeros(())), grid, []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        n, g2 = len(x), self.grid ** 2
+        zeros = lambda *shape: self.weight * torch.zeros(*shape)
+        return x.mean((2, 3))[:, :, None] + zeros(n, 3, 1), {"puzzle": zeros(n, g2, g2), "rotation": zeros(n, g2, 4)}
+
+
+def test_the_ss_labels_describe_the_image_that_reaches_the_network(monkeypatch):
+    """What train_step feeds the network and what it teaches the SS heads agree, tile by tile: with g = 3
+    and puzzle-rotation, a label inverted (the permutation's inverse, or 4 - k for a turn) would name
+    another tile or corner."""
     g, t = 3, 8
     # Tile q of each image holds 20·q + 10, with 1 added in its top-left pixel.
     tiles = (20 * torch.arange(9, dtype=torch.uint8) + 10).view(3, 3).repeat_interleave(t, 0).repeat_interleave(t, 1)
     tiles[::t, ::t] += 1
     images = tiles[None, :, :, None].expand(64, 24, 24, 3).contiguous()
-    cfg = {"aug": "0", "grid": g, "flip": 0.0, "ss_fraction": 1.0, "data": "synthetic", "task": "puzzle_rotation"}
+    cfg = {"aug": "0", "grid": g, "flip": 0.0, "ss_fraction": 1.0, "data": "synthetic", "task": "puzzle_rotation",
+           "head": "reg", "ssl_weight": 1.0}
+    taught = []
+    real = hmtl.ssl_loss
+    monkeypatch.setattr(hmtl, "ssl_loss", lambda logits, labels, shuffled: taught.append(labels) or
+                        real(logits, labels, shuffled))
+    model, rt = Recorder(), hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None),
+                                                    autocast=lambda: torch.autocast("cpu", enabled=False),
+                                                    scaler=torch.amp.GradScaler("cpu", enabled=False))
     draw = hmtl.Draws(torch.Generator().manual_seed(0), 64, slice(None), torch.device("cpu"))
-    images, _, perm, rot, shuffled = hmtl.training_batch(images, torch.zeros(64, 3), cfg, draw)
-    assert shuffled is None and (perm.gather(1, perm) != torch.arange(9)).any(1).all()  # no involution
+    hmtl.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), images, torch.zeros(64, 3), cfg, rt, draw)
+    perm, rot = taught[0]["puzzle"], taught[0]["rotation"]
+    assert (perm.gather(1, perm) != torch.arange(9)).any(1).all()  # no permutation is its own inverse
     assert (rot == 1).any() and (rot == 3).any()  # turns that are not their own inverse
     scale, shift = hmtl_tiles.normalize_affine(hmtl_tiles.IMAGENET_MEAN, hmtl_tiles.IMAGENET_STD)
-    x = hmtl.shuffle_tiles_normalize(images, perm, rot)  # as train_step shuffles them
-    value = ((x[:, 0] - shift[0]) / scale[0]).round()
+    value = ((model.seen[0][:, 0] - shift[0]) / scale[0]).round()
     corner = {0: (0, 0), 1: (t - 1, 0), 2: (t - 1, t - 1), 3: (0, t - 1)}  # where a turn puts the top-left pixel
     for n in range(64):
         for p in range(9):
@@ -202,21 +225,14 @@ def test_evaluation_never_augments_flips_or_shuffles(monkeypatch):
     the plain normalised image, and the loss it gives is what the MAE reports."""
     cfg = {"data": "synthetic", "task": "puzzle_rotation", "grid": 2, "aug": "2", "flip": 1.0, "ss_fraction": 1.0,
            "no_ssh": False, "batch_size": 4, "seed": 0, "head": "reg", "bin_width": 3.0}
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def forward(self, x):
-            seen.append(x.clone())
-            pose = x.mean((2, 3))[:, :, None]  # one "angle" per channel: the mean of the input
-            return pose, {"puzzle": torch.zeros(len(x), 4, 4), "rotation": torch.zeros(len(x), 4, 4)}
-
     images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
     angles = torch.zeros(6, 3)
     rt = hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None), world=1,
                                  autocast=lambda: torch.autocast("cpu", enabled=False))
     loader = [(images[:4], angles[:4]), (images[4:], angles[4:])]
-    metrics = hmtl.evaluate(Recorder(), loader, cfg, rt, 6)
-    plain = hmtl_tiles.normalize(images)
+    model = Recorder(grid=2)  # its "angles": the mean of each input channel
+    metrics = hmtl.evaluate(model, loader, cfg, rt, 6)
+    seen, plain = model.seen, hmtl_tiles.normalize(images)
     assert torch.equal(seen[0], plain[:4]) and torch.equal(seen[2], plain[4:])  # the pose's input: untouched
     assert not torch.equal(seen[1], seen[0])  # the SS heads' copies are shuffled
     assert metrics["val_mae_yaw"] == pytest.approx(plain.mean((2, 3))[:, 0].abs().mean().item(), rel=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import hmtl
 import reproduce
 from conftest import REPO, fake_biwi
+from hmtl_data import ANGLES
 
 
 def test_every_figure_the_paper_gives_is_quoted_and_consistent():
@@ -81,3 +82,35 @@ def test_the_plan_counts_every_run_once_and_projects_its_hours():
     assert float(rows["Table 2"][4]) == pytest.approx(12 * 110 * (122_450 + 2_000 / 3) / 1000 / 3600, abs=0.05)
     assert float(rows["Table 4"][4]) == pytest.approx(3 * 110 * (10_000 * (1 + 2 + 3 + 4) + 4 * 10_000) / 1000 / 3600,
                                                       abs=0.05)
+
+
+def test_the_scarcity_study_reports_what_finished(tmp_path, monkeypatch, capsys):
+    """--report: the tables and figure from the runs that finished (here fabricated summaries with known
+    MAEs), none trained; every run of a row the same steps, sizes by frames and people."""
+    names = np.array([f"{q:02d}/frame_{i:05d}_rgb.png" for q in (1, 2) for i in range(3)])
+    for split in ("train", "test", "devtrain", "devval", "p4", "p8"):
+        np.savez(tmp_path / f"BIWI_{split}.npz", image=np.zeros((6, 8, 8, 3), np.uint8), names=names,
+                 pose=np.array([[0, -10, 0]] * 3 + [[0, 20, 0]] * 3, np.float32))
+    monkeypatch.setattr(reproduce, "FRAMES", (4, 1))
+    monkeypatch.setattr(reproduce, "PEOPLE", (4,))
+    args = reproduce.argparse.Namespace(real=str(tmp_path), seeds=2, middle_seeds=1, ablation_seeds=1, aflw2000=None,
+                                        report=True, runs=str(tmp_path / "runs"), out=str(tmp_path / "results"))
+    rows = reproduce.study_runs(tmp_path, args)
+    assert all("--epoch-steps" in flags and flags[flags.index("--epoch-steps") + 1] == "500" for *_, flags, _ in rows)
+    mae = {"SL": 4.0, "HMTL": 5.0, "HMTL w/o SSHs": 6.0}
+    for group, size, recipe, method, flags, seeds in rows:
+        for seed in range(seeds):
+            if (group, size) == ("people", 4) and method == "HMTL":
+                continue  # a run that has not finished
+            folder = tmp_path / "runs" / reproduce.slug(flags) / f"seed{seed}"
+            folder.mkdir(parents=True)
+            value, faces = mae[method] + seed + (size == 4), 10693 // size if isinstance(size, int) else 8113
+            (folder / "summary.json").write_text(json.dumps(
+                {"val_mae_mean": value, "train_images": faces, **{f"val_mae_{a}": value for a in ANGLES}}))
+    reproduce.scarcity(args)
+    table = (tmp_path / "results" / "scarcity.md").read_text()
+    assert "| paper | 4 | 2673 | 5.50 ± 0.50 (n 2) | 6.50 ± 0.50 (n 2) | 7.50 ± 0.50 (n 2) | +18% |" in table
+    assert "| paper | 1 | 10693 | 4.50 ± 0.50 (n 2) | 5.50 ± 0.50 (n 2) | 6.50 ± 0.50 (n 2) | +22% |" in table
+    assert "| paper | 4 | 2673 | 5.00 (n 1) | – (n 0) | 7.00 (n 1) | – |" in table  # people: HMTL not run
+    assert "01: -10.0, 02: +20.0" in table  # each person's own zero of pitch
+    assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000 and table in capsys.readouterr().out

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hmtl
+import hmtl_data
 import hmtl_runs
 from conftest import REPO, config, run_cli, tiny_args
+from hmtl_data import GlobalBatches
 
 
 def rows(run):
@@ -166,6 +168,21 @@ def test_weights_that_blow_up_are_never_saved_or_chosen(tmp_path, monkeypatch):
     assert len(rows(tmp_path / "run")) == 1 and not (tmp_path / "run" / "summary.json").exists()
 
 
+def test_ctrl_c_says_what_last_pt_holds_and_the_run_resumes(tmp_path, monkeypatch):
+    real = hmtl.train_one_epoch
+
+    def interrupted(model, *args):
+        if args[3] == 1:  # the second epoch
+            raise KeyboardInterrupt
+        return real(model, *args)
+
+    monkeypatch.setattr(hmtl, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit, match="^interrupted in epoch 2: .*last.pt holds epoch 1; continue with --resume$"):
+        hmtl.main(tiny_args(tmp_path))
+    monkeypatch.undo()
+    assert hmtl.main(tiny_args(tmp_path, "--resume"))["epochs"] == 2
+
+
 def test_a_huge_learning_rate_stops_before_writing_a_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as stop:
         hmtl.main(tiny_args(tmp_path, "--synthetic-train", "32", "--lr", "1e10"))
@@ -267,6 +284,53 @@ def test_ablation_and_pretraining_modes(tmp_path):
     fine = torch.load(tmp_path / "fine" / "last.pt", weights_only=True)["model"]
     for key in ("stem.0.weight", "stages.3.1.conv2.weight"):
         torch.testing.assert_close(fine[key], pretrained[key], rtol=0, atol=1e-6)
+
+
+def test_epochs_of_a_fixed_number_of_steps_take_every_image_equally_often_even_from_a_tiny_set():
+    n, batch, steps = 10, 4, 5  # 20 images an epoch: every image twice, batches across the passes
+    whole = GlobalBatches(n, batch, seed=1, shuffle=True, drop_last=True, steps=steps)
+    halves = [GlobalBatches(n, batch, seed=1, shuffle=True, drop_last=True, rank=r, world=2, steps=steps)
+              for r in (0, 1)]
+    seen = []
+    for epoch in range(3):
+        for sampler in (whole, *halves):
+            sampler.set_epoch(epoch)
+        batches = list(whole)
+        assert len(batches) == steps and all(len(b) == batch for b in batches)
+        assert sorted(i for b in batches for i in b) == sorted(list(range(n)) * 2)
+        for b, (a, c) in zip(batches, zip(*halves)):
+            assert a == b[0::2] and c == b[1::2]  # two processes split each global batch
+        seen.append(batches)
+    assert seen[0] != seen[1] != seen[2]  # a new order every epoch
+    tiny = [i for b in GlobalBatches(3, 8, seed=0, shuffle=True, drop_last=True, steps=2) for i in b]
+    assert len(tiny) == 16 and sorted(np.bincount(tiny)) == [5, 5, 6]  # 3 images fill 2 batches of 8: 5 passes and 1
+
+
+def test_every_kth_image_from_a_seeded_offset_and_the_other_optimizer(tmp_path):
+    data = hmtl_data.PoseArrays(np.zeros((100, 4, 4, 3), np.uint8), np.arange(300, dtype=np.float32).reshape(100, 3))
+    picked = {seed: hmtl_data.every_kth(data, 32, seed).indices for seed in range(8)}
+    assert all(len(i) in (3, 4) and np.all(np.diff(i) == 32) for i in picked.values())
+    assert len({int(i[0]) for i in picked.values()}) > 1  # the offset follows the seed
+    summary = hmtl.main(tiny_args(tmp_path, "--synthetic-train", "96", "--train-every", "3", "--epoch-steps", "2",
+                                  "--optimizer", "adamw", "--batch-size", "16"))
+    assert summary["train_images"] == 32 and summary["epochs"] == 2
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["amsgrad"] is False  # torch's AdamW, not AdaBelief
+    assert state["optimizer"]["state"][0]["step"] == 4  # 2 epochs of 2 steps
+
+
+def test_translation_moves_each_image_by_its_own_drawn_shift():
+    x = torch.rand(3, 3, 16, 16)
+
+    class Shifts:  # 1/16 of the side is 1 px here: shifts of +2, -2 and 0 px, as (x, y)
+        def uniform(self, low, high, *shape):
+            return torch.tensor([[0.25, 0.0], [-0.25, 0.25], [0.0, 0.0]])
+
+    got = hmtl.translate(x, Shifts())
+    torch.testing.assert_close(got[0, :, :, :-2], x[0, :, :, 2:])  # content moved 2 px left
+    torch.testing.assert_close(got[0, :, :, -2:], x[0, :, :, -1:].expand(3, 16, 2))  # the edge repeated
+    torch.testing.assert_close(got[1, :, :-2, 2:], x[1, :, 2:, :-2])
+    torch.testing.assert_close(got[2], x[2])
 
 
 def test_a_fraction_of_each_batch_is_shuffled_and_the_rest_left_alone():
