@@ -485,9 +485,6 @@ def real_figure(results, path, dev):
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ----------------------------------------------------------------------------- where does HMTL help?
 # BIWI again, the training set's size varied by frames (every k-th frame of all 16 people, from a
@@ -640,3 +637,7 @@ def scarcity_figure(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
