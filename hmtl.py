@@ -517,7 +517,7 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
         totals[-1] += len(images)
     totals = sum_over_processes(totals, rt).tolist()
     metrics = {}
-    if pose is not None:
+    if cfg["stage"] != "pretrain":  # the network has pose heads
         metrics = {f"{prefix}_mae_{a}": totals[i] / totals[-1] for i, a in enumerate(names)}
         metrics[f"{prefix}_mae_mean"] = sum(metrics.values()) / len(names)
     for k, task in enumerate(tasks):
@@ -617,8 +617,8 @@ def train(cfg, state=None):
             row["lr"] = optimizer.param_groups[0]["lr"]
             row |= train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
             scheduler.step()
-            for prefix, (n, loader_) in loaders.items():
-                row |= evaluate(trained, loader_, cfg, rt, n, prefix)
+            for prefix, (size, val_loader) in loaders.items():
+                row |= evaluate(trained, val_loader, cfg, rt, size, prefix)
         run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, and never a non-finite one
     return run.finish()
 

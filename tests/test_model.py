@@ -224,7 +224,7 @@ def test_evaluation_never_augments_flips_or_shuffles(monkeypatch):
     """Under the heaviest augmentation, flips always on and HMTL's tiles, the pose heads are scored on
     the plain normalised image, and the loss it gives is what the MAE reports."""
     cfg = {"data": "synthetic", "task": "puzzle_rotation", "grid": 2, "aug": "2", "flip": 1.0, "ss_fraction": 1.0,
-           "no_ssh": False, "batch_size": 4, "seed": 0, "head": "reg", "bin_width": 3.0}
+           "no_ssh": False, "batch_size": 4, "seed": 0, "head": "reg", "bin_width": 3.0, "stage": "train"}
     images = torch.randint(0, 256, (6, 16, 16, 3), dtype=torch.uint8)
     angles = torch.zeros(6, 3)
     rt = hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None), world=1,
