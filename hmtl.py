@@ -639,7 +639,9 @@ PAPER = {"300wlp": dict(head="catreg", dropout=0.5, ssl_weight=50.0, milestones=
 # QUICK leaves out the rectification's warm-up and the augmentation: a run this short learns without them.
 QUICK = dict(arch="resnet18", img_size=64, epochs=4, milestones=[3], rectify=False, aug="0",
              synthetic_train=4000, synthetic_val=500, workers=2)
-PRESETS = {"default": DEFAULTS, **PAPER, "quick": QUICK}
+# STRONG: --recipe strong, what helped SL on BIWI's development split (results/scarcity.md).
+STRONG = dict(rectify=False, dropout=0.4)
+PRESETS = {"default": DEFAULTS, **PAPER, "quick": QUICK, "strong": STRONG}
 VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2000", "ethxgaze": "ethxgaze",
               "biwi": "biwi"}
 # What --resume may change (the run's length, where it runs, where its data now lies), what
@@ -675,6 +677,8 @@ def get_args_parser():
     add(g, "--dropout", "before each pose head", type=bounded(float, 0, below=1))
     add(g, "--ssl-dropout", "in each SS branch", type=bounded(float, 0, below=1))
     g = p.add_argument_group("training")
+    add(g, "--recipe", "paper: the paper's settings (default); strong: the defaults that --help marks "
+        "'--recipe strong', chosen for SL on BIWI's development split", choices=("paper", "strong"))
     add(g, "--epochs", "", type=bounded(int, 1))
     add(g, "--epoch-steps", "optimiser steps per epoch, from a stream of passes over the training set "
         "(none: one pass)", type=bounded(int, 1))
@@ -739,7 +743,7 @@ def preset(data):
 def resolve_config(given):
     """The flags given -> the full config of a run: every flag left out takes its preset; then the
     combinations are checked (UsageError, exit status 2)."""
-    cfg = preset(given.get("data", DEFAULTS["data"]))
+    cfg = preset(given.get("data", DEFAULTS["data"])) | (STRONG if given.get("recipe") == "strong" else {})
     cfg |= {k: v for k, v in given.items() if k in cfg}
     cfg["val_data"] = cfg["val_data"] or VALIDATION[cfg["data"]]
     if cfg["val_root"] is None and cfg["val_data"] == cfg["data"]:

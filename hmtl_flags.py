@@ -63,8 +63,8 @@ def help_default(key, presets):
         parts = [text(presets["default"][key])]
     else:
         return ""
-    if key in presets["quick"]:
-        parts.append(f"quick preset {text(presets['quick'][key])}")
+    parts += [f"{name} {text(presets[p][key])}" for p, name in (("quick", "quick preset"), ("strong", "--recipe strong"))
+              if key in presets[p]]
     return f" (default: {'; '.join(parts)})"
 
 

@@ -354,12 +354,16 @@ def test_defaults_are_the_papers():
     assert cfg["val_subjects"] == "108,109,111"
     quick = config()
     assert quick["data"] == "synthetic" and quick["img_size"] < 224 and quick["epochs"] < 110
+    paper, strong = config("--data", "biwi"), config("--data", "biwi", "--recipe", "strong")
+    assert {k for k in paper if strong[k] != paper[k]} == set(hmtl.STRONG) and not strong["rectify"]
+    assert config("--data", "biwi", "--recipe", "strong", "--rectify")["rectify"]  # a flag given wins
 
 
 def test_help_shows_the_defaults_the_presets_hold(monkeypatch):
     text = " ".join(hmtl.get_args_parser().format_help().split())
     assert "backbone (default: resnet50; quick preset resnet18)" in text
     assert "(default: 300W-LP/AFLW2000/BIWI 20 100, ETH-XGaze 30 40; quick preset 3)" in text
+    assert "(default: on; quick preset off; --recipe strong off)" in text
     monkeypatch.setitem(hmtl.QUICK, "epochs", 7)
     assert "(default: 110; quick preset 7)" in " ".join(hmtl.get_args_parser().format_help().split())
 
