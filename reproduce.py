@@ -551,7 +551,8 @@ def scarcity(args):
                 summary = run(flags + ["--seed", str(seed)], folder)
             if args.aflw2000 and "val_mae_mean" in summary:
                 summary["aflw2000"] = evaluate_on(folder, "eval_aflw2000", [
-                    "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"])
+                    "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"
+                ])["val_mae_mean"]
             summaries.append(summary)
         results.append((group, size, recipe, method, summaries))
     text = scarcity_tables(results, args)

@@ -106,13 +106,15 @@ def test_the_scarcity_study_reports_what_finished(tmp_path):
             value, faces = mae[method] + seed + (size == 4), 10693 // size if isinstance(size, int) else 8113
             (folder / "summary.json").write_text(json.dumps(
                 {"val_mae_mean": value, "train_images": faces, **{f"val_mae_{a}": value for a in ANGLES}}))
+            (folder / "eval_aflw2000.json").write_text(json.dumps({"val_mae_mean": value + 10}))  # another test set
     done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), "--real", str(tmp_path), "--scarcity", "--report",
                            "--seeds", "2", "--middle-seeds", "1", "--ablation-seeds", "1", "--runs", args.runs, "--out",
-                           args.out], capture_output=True, text=True)
+                           args.out, "--aflw2000", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "results" / "scarcity.md").read_text()
-    assert "| paper | 4 | 2673 | 5.00 (n 1) | 6.00 (n 1) | 7.00 (n 1) | +20% |" in table  # a middle size: 1 seed
-    assert "| paper | 1 | 10693 | 4.50 ± 0.50 (n 2) | 5.50 ± 0.50 (n 2) | 6.50 ± 0.50 (n 2) | +22% |" in table
+    assert "| paper | 4 | 2673 | 5.00 (n 1) | 6.00 (n 1) | 7.00 (n 1) | +20% | 15.00 | 16.00 |" in table  # 1 seed
+    assert "| paper | 1 | 10693 | 4.50 ± 0.50 (n 2) | 5.50 ± 0.50 (n 2) | 6.50 ± 0.50 (n 2) | +22% | 14.50 ± 0.50 |" \
+        in table
     assert "| paper | 4 | 2673 | 5.00 (n 1) | – (n 0) | 7.00 (n 1) | – |" in table  # people: HMTL not run
     assert "01: -10.0, 02: +20.0" in table  # each person's own zero of pitch
     assert (tmp_path / "results" / "scarcity.png").stat().st_size > 10_000 and table in done.stdout
