@@ -526,6 +526,15 @@ def study_runs(folder, args):
     return rows
 
 
+def study_order(rows):
+    """[(row index, seed)] in the order they run: within each stage (the recipe; SL vs HMTL at the ends of the frames
+    axis; the rest) every row gets seed 0 before any gets seed 1, so a study cut short has each of its cells started."""
+    ends = lambda group, size, method: group == "frames" and size in (FRAMES[0], FRAMES[-1]) and method != "HMTL w/o SSHs"
+    stage = lambda group, size, recipe, method, *_: 0 if group == "recipe" else 1 if ends(group, size, method) else 2
+    return [(i, seed) for *_, seed, i in sorted((stage(*row), seed, i) for i, row in enumerate(rows)
+                                               for seed in range(row[-1]))]
+
+
 def scarcity(args):
     """Runs the study (or, with --report, only reads what finished), then writes results/scarcity.md and .png."""
     needed = ["train", "test", "devtrain", "devval"] + [f"p{p}" for p in PEOPLE]
@@ -536,25 +545,24 @@ def scarcity(args):
                          f"p4=1-4 p8=1-8")
     runs, out = Path(args.runs or "runs/scarcity"), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, results = study_runs(args.real, args), []
-    total, done = sum(r[-1] for r in rows), 0
-    for group, size, recipe, method, flags, seeds in rows:
-        summaries = []
-        for seed in range(seeds):
-            done += 1
-            folder = runs / slug(flags) / f"seed{seed}"
-            if args.report:
-                summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() \
-                    else {"skipped": "not run yet"}
-            else:
-                print(f"[{done}/{total}] {group} {size}, {recipe}, {method}, seed {seed} -> {folder}", flush=True)
-                summary = run(flags + ["--seed", str(seed)], folder)
-            if args.aflw2000 and "val_mae_mean" in summary:
-                summary["aflw2000"] = evaluate_on(folder, "eval_aflw2000", [
-                    "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"
-                ])["val_mae_mean"]
-            summaries.append(summary)
-        results.append((group, size, recipe, method, summaries))
+    rows = study_runs(args.real, args)
+    summaries = [[None] * row[-1] for row in rows]
+    order = study_order(rows)
+    for done, (i, seed) in enumerate(order, 1):
+        group, size, recipe, method, flags, _ = rows[i]
+        folder = runs / slug(flags) / f"seed{seed}"
+        if args.report:
+            summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() \
+                else {"skipped": "not run yet"}
+        else:
+            print(f"[{done}/{len(order)}] {group} {size}, {recipe}, {method}, seed {seed} -> {folder}", flush=True)
+            summary = run(flags + ["--seed", str(seed)], folder)
+        if args.aflw2000 and "val_mae_mean" in summary:
+            summary["aflw2000"] = evaluate_on(folder, "eval_aflw2000", [
+                "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"
+            ])["val_mae_mean"]
+        summaries[i][seed] = summary
+    results = [(*row[:4], runs_of_row) for row, runs_of_row in zip(rows, summaries)]
     text = scarcity_tables(results, args)
     (out / "scarcity.md").write_text(text)
     print("\n" + text)

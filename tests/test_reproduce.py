@@ -96,6 +96,11 @@ def test_the_scarcity_study_reports_what_finished(tmp_path):
                                         report=True, runs=str(tmp_path / "runs"), out=str(tmp_path / "results"))
     rows = reproduce.study_runs(tmp_path, args)
     assert all("--epoch-steps" in flags and flags[flags.index("--epoch-steps") + 1] == "500" for *_, flags, _ in rows)
+    order = [(rows[i][:4], seed) for i, seed in reproduce.study_order(rows)]
+    assert len(set(order)) == len(order) == sum(row[-1] for row in rows)
+    # a study cut short: every cell at the ends has seed 0 before any has seed 1, and both before the middle sizes
+    assert order.index((("frames", 1, "strong", "HMTL"), 0)) < order.index((("frames", 256, "paper", "SL"), 1)) \
+        < order.index((("frames", 32, "paper", "SL"), 0))
     mae = {"SL": 4.0, "HMTL": 5.0, "HMTL w/o SSHs": 6.0}
     for group, size, recipe, method, flags, seeds in rows:
         for seed in range(seeds):
