@@ -493,12 +493,12 @@ def train_one_epoch(model, optimizer, loader, cfg, epoch, rt):
 def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
     """MAE per angle on untouched images (never augmented, flipped or shuffled); SS accuracy per task
     on shuffled copies (their tiles fixed per step, so epochs compare). Keys: {prefix}_mae_{angle},
-    {prefix}_mae_mean, {prefix}_acc_{task}."""
+    {prefix}_mae_mean, {prefix}_mae_mean_se (its standard error over the images), {prefix}_acc_{task}."""
     model.eval()
     names, tasks = angle_names(cfg["data"]), () if cfg["no_ssh"] else SSL_TASKS[cfg["task"]]
     centres = bin_centres(cfg["bin_width"], rt.device)
-    # |error| per angle, right SS answers per task, SS questions per task, images
-    totals = torch.zeros(len(names) + 2 * len(tasks) + 1, dtype=torch.float64, device=rt.device)
+    # |error| per angle, right SS answers per task, SS questions per task, squared mean |error| per image, images
+    totals = torch.zeros(len(names) + 2 * len(tasks) + 2, dtype=torch.float64, device=rt.device)
     for step, (images, angles) in enumerate(loader):
         images, angles = images.to(rt.device), angles.to(rt.device)
         with rt.autocast():
@@ -509,7 +509,9 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
                 perm, rot = draw.tiles(cfg["grid"], cfg["task"])
                 ssl = model(shuffle_tiles_normalize(images, perm, rot))[1]
         if pose is not None:
-            totals[:len(names)] += (predicted_angles(pose, cfg["head"], centres) - angles).abs().sum(0)
+            errors = (predicted_angles(pose, cfg["head"], centres) - angles).abs().double()
+            totals[:len(names)] += errors.sum(0)
+            totals[-2] += errors.mean(1).square().sum()
         for k, task in enumerate(tasks):
             labels = perm if task == "puzzle" else rot
             totals[len(names) + 2 * k] += (ssl[task].argmax(-1) == labels).sum()
@@ -519,7 +521,9 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
     metrics = {}
     if cfg["stage"] != "pretrain":  # the network has pose heads
         metrics = {f"{prefix}_mae_{a}": totals[i] / totals[-1] for i, a in enumerate(names)}
-        metrics[f"{prefix}_mae_mean"] = sum(metrics.values()) / len(names)
+        metrics[f"{prefix}_mae_mean"] = mean = sum(metrics.values()) / len(names)
+        n = totals[-1]  # a small test set's MAE is uncertain: say by how much
+        metrics[f"{prefix}_mae_mean_se"] = math.sqrt(max(totals[-2] / n - mean ** 2, 0) / max(n - 1, 1))
     for k, task in enumerate(tasks):
         metrics[f"{prefix}_acc_{task}"] = totals[len(names) + 2 * k] / totals[len(names) + 2 * k + 1]
     return metrics

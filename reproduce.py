@@ -558,9 +558,10 @@ def scarcity(args):
             print(f"[{done}/{len(order)}] {group} {size}, {recipe}, {method}, seed {seed} -> {folder}", flush=True)
             summary = run(flags + ["--seed", str(seed)], folder)
         if args.aflw2000 and "val_mae_mean" in summary:
-            summary["aflw2000"] = evaluate_on(folder, "eval_aflw2000", [
-                "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"
-            ])["val_mae_mean"]
+            aflw = evaluate_on(folder, "eval_aflw2000", [
+                "--val-data", "aflw2000", "--val-root", args.aflw2000, "--aflw2000-reduced", "--crop", "visible"])
+            summary |= {"aflw2000": aflw["val_mae_mean"], "aflw2000_se": aflw.get("val_mae_mean_se"),
+                        "aflw2000_faces": aflw["val_images"]}
         summaries[i][seed] = summary
     results = [(*row[:4], runs_of_row) for row, runs_of_row in zip(rows, summaries)]
     text = scarcity_tables(results, args)
@@ -615,6 +616,11 @@ def scarcity_tables(results, args):
                 if args.aflw2000:
                     row += "".join(f" {cell(mean(c, 'aflw2000'))} |" for c in cells[:2])
                 lines.append(row)
+    se = [s["aflw2000_se"] for *_, summaries in results for s in summaries if s.get("aflw2000_se") is not None]
+    if se:
+        faces = {s["aflw2000_faces"] for *_, summaries in results for s in summaries if "aflw2000_faces" in s}
+        lines += ["", f"The AFLW2000 sample is small: one model's MAE on its {', '.join(map(str, faces))} faces has a "
+                  f"standard error over the faces of {min(se):.2f}-{max(se):.2f}° (median {np.median(se):.2f}°)."]
     offsets = pitch_offsets(args.real)
     lines += ["", "Mean pitch of each training sequence (°): " +
               ", ".join(f"{q:02d}: {v:+.1f}" for q, v in offsets.items()) + "."]

@@ -236,3 +236,5 @@ def test_evaluation_never_augments_flips_or_shuffles(monkeypatch):
     assert torch.equal(seen[0], plain[:4]) and torch.equal(seen[2], plain[4:])  # the pose's input: untouched
     assert not torch.equal(seen[1], seen[0])  # the SS heads' copies are shuffled
     assert metrics["val_mae_yaw"] == pytest.approx(plain.mean((2, 3))[:, 0].abs().mean().item(), rel=1e-6)
+    per_image = plain.mean((2, 3)).abs().mean(1).double()  # the 6 images' mean |error|
+    assert metrics["val_mae_mean_se"] == pytest.approx((per_image.std() / 6 ** 0.5).item(), rel=1e-5)
