@@ -6,7 +6,8 @@
 #   bash run_all.sh [--seeds 3]      the paper's runs: needs the datasets and, realistically, a GPU
 #   bash run_all.sh --real DIR       the real-face benchmark on BIWI (DIR from tools/biwi_to_npz.py):
 #                                    results/biwi.md and results/biwi.png; add --ablations for the
-#                                    variants of HMTL, or --dev for the flip study
+#                                    variants of HMTL, --dev for the flip study, or --scarcity for
+#                                    where HMTL helps (results/scarcity.md and results/scarcity.png)
 #
 # Dataset roots (not needed with --quick or --real):
 #   ETHXGAZE_ROOT   folder of ETH-XGaze subjectXXXX.h5 files (the 224 px face-patch release)
