@@ -497,7 +497,7 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
     model.eval()
     names, tasks = angle_names(cfg["data"]), () if cfg["no_ssh"] else SSL_TASKS[cfg["task"]]
     centres = bin_centres(cfg["bin_width"], rt.device)
-    # |error| per angle, right SS answers per task, SS questions per task, squared mean |error| per image, images
+    # |error| per angle, right SS answers and SS questions per task, squared mean |error| per image, images
     totals = torch.zeros(len(names) + 2 * len(tasks) + 2, dtype=torch.float64, device=rt.device)
     for step, (images, angles) in enumerate(loader):
         images, angles = images.to(rt.device), angles.to(rt.device)
