@@ -497,6 +497,7 @@ STUDY = ["--data", "biwi", "--arch", "resnet18", "--img-size", "64", "--workers"
 LONG = ["--epochs", "12", "--milestones", "9"]  # 6,000 steps
 METHODS = {"SL": [], "HMTL": HMTL_2X2, "HMTL w/o SSHs": HMTL_2X2 + ["--no-ssh"]}
 FRAMES = (256, 32, 4, 1)
+ENDS = (FRAMES[0], FRAMES[-1])  # SL vs HMTL here first, with every seed; the middle sizes may be cut short of seeds
 PEOPLE = (4, 8)
 RECIPE_STUDY = {"paper's settings": [], "no rectification": ["--no-rectify"], "reg heads": ["--head", "reg"],
                 "translation crops": ["--aug", "shift"], "Dropout 0.4": ["--dropout", "0.4"],
@@ -511,13 +512,12 @@ def study_runs(folder, args):
     middle = args.middle_seeds or args.seeds
     rows = [("recipe", name, "dev", "SL", data("devtrain", "devval") + flags, args.ablation_seeds)
             for name, flags in RECIPE_STUDY.items()]
-    ends = (FRAMES[0], FRAMES[-1])  # SL vs HMTL at the ends first; the middle sizes may be cut short of seeds
-    frames = [(k, recipe, m) for k in ends for recipe in RECIPES for m in ("SL", "HMTL")]
-    frames += [(k, recipe, "HMTL w/o SSHs") for k in ends for recipe in RECIPES]
+    frames = [(k, recipe, m) for k in ENDS for recipe in RECIPES for m in ("SL", "HMTL")]
+    frames += [(k, recipe, "HMTL w/o SSHs") for k in ENDS for recipe in RECIPES]
     frames += [(k, "paper", m) for k in FRAMES[1:-1] for m in METHODS]
     for k, recipe, method in frames:
         rows.append(("frames", k, recipe, method, data("train", "test") + RECIPES[recipe] + METHODS[method] +
-                     ["--train-every", str(k)], args.seeds if k in ends else middle))
+                     ["--train-every", str(k)], args.seeds if k in ENDS else middle))
     for people in PEOPLE:
         for method, flags in METHODS.items():
             rows.append(("people", people, "paper", method, data(f"p{people}", "test") + flags, middle))
@@ -529,7 +529,7 @@ def study_runs(folder, args):
 def study_order(rows):
     """[(row index, seed)] in the order they run: within each stage (the recipe; SL vs HMTL at the ends of the frames
     axis; the rest) every row gets seed 0 before any gets seed 1, so a study cut short has each of its cells started."""
-    ends = lambda group, size, method: group == "frames" and size in (FRAMES[0], FRAMES[-1]) and method != "HMTL w/o SSHs"
+    ends = lambda group, size, method: group == "frames" and size in ENDS and method != "HMTL w/o SSHs"
     stage = lambda group, size, recipe, method, *_: 0 if group == "recipe" else 1 if ends(group, size, method) else 2
     return [(i, seed) for *_, seed, i in sorted((stage(*row), seed, i) for i, row in enumerate(rows)
                                                for seed in range(row[-1]))]
