@@ -518,19 +518,21 @@ def study_runs(folder, args):
     for k, recipe, method in frames:
         rows.append(("frames", k, recipe, method, data("train", "test") + RECIPES[recipe] + METHODS[method] +
                      ["--train-every", str(k)], args.seeds if k in ENDS else middle))
+    for method, flags in METHODS.items():
+        rows.append(("long", 3, "paper", method, data("train", "test") + flags + LONG, middle))
     for people in PEOPLE:
         for method, flags in METHODS.items():
             rows.append(("people", people, "paper", method, data(f"p{people}", "test") + flags, middle))
-    for method, flags in METHODS.items():
-        rows.append(("long", 3, "paper", method, data("train", "test") + flags + LONG, middle))
     return rows
 
 
 def study_order(rows):
     """[(row index, seed)] in the order they run: within each stage (the recipe; SL vs HMTL at the ends of the frames
-    axis; the rest) every row gets seed 0 before any gets seed 1, so a study cut short has each of its cells started."""
-    ends = lambda group, size, method: group == "frames" and size in ENDS and method != "HMTL w/o SSHs"
-    stage = lambda group, size, recipe, method, *_: 0 if group == "recipe" else 1 if ends(group, size, method) else 2
+    axis; SL vs HMTL elsewhere; HMTL w/o SSHs) every row gets seed 0 before any gets seed 1, so a study cut short
+    has each of its comparisons started before the ablation."""
+    ends = lambda group, size: group == "frames" and size in ENDS
+    stage = lambda group, size, recipe, method, *_: (0 if group == "recipe" else 3 if method == "HMTL w/o SSHs"
+                                                      else 1 if ends(group, size) else 2)
     return [(i, seed) for *_, seed, i in sorted((stage(*row), seed, i) for i, row in enumerate(rows)
                                                for seed in range(row[-1]))]
 

@@ -98,9 +98,11 @@ def test_the_scarcity_study_reports_what_finished(tmp_path):
     assert all("--epoch-steps" in flags and flags[flags.index("--epoch-steps") + 1] == "500" for *_, flags, _ in rows)
     order = [(rows[i][:4], seed) for i, seed in reproduce.study_order(rows)]
     assert len(set(order)) == len(order) == sum(row[-1] for row in rows)
-    # a study cut short: every cell at the ends has seed 0 before any has seed 1, and both before the middle sizes
+    # a study cut short: every cell at the ends has seed 0 before any has seed 1, and both before the middle sizes;
+    # SL vs HMTL everywhere before the ablation
     assert order.index((("frames", 1, "strong", "HMTL"), 0)) < order.index((("frames", 256, "paper", "SL"), 1)) \
-        < order.index((("frames", 32, "paper", "SL"), 0))
+        < order.index((("frames", 32, "paper", "SL"), 0)) < order.index((("people", 8, "paper", "HMTL"), 0)) \
+        < order.index((("frames", 1, "paper", "HMTL w/o SSHs"), 0))
     mae, written = {"SL": 4.0, "HMTL": 5.0, "HMTL w/o SSHs": 6.0}, []
     for group, size, recipe, method, flags, seeds in rows:
         for seed in range(seeds):
