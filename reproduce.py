@@ -512,9 +512,7 @@ def study_runs(folder, args):
     middle = args.middle_seeds or args.seeds
     rows = [("recipe", name, "dev", "SL", data("devtrain", "devval") + flags, args.ablation_seeds)
             for name, flags in RECIPE_STUDY.items()]
-    frames = [(k, recipe, m) for k in ENDS for recipe in RECIPES for m in ("SL", "HMTL")]
-    frames += [(k, recipe, "HMTL w/o SSHs") for k in ENDS for recipe in RECIPES]
-    frames += [(k, "paper", m) for k in FRAMES[1:-1] for m in METHODS]
+    frames = [(k, recipe, m) for k in FRAMES for recipe in (RECIPES if k in ENDS else ["paper"]) for m in METHODS]
     for k, recipe, method in frames:
         rows.append(("frames", k, recipe, method, data("train", "test") + RECIPES[recipe] + METHODS[method] +
                      ["--train-every", str(k)], args.seeds if k in ENDS else middle))
