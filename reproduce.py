@@ -506,7 +506,7 @@ RECIPES = {"paper": [], "strong": ["--recipe", "strong"]}
 
 
 def study_runs(folder, args):
-    """[(group, size, recipe, method, flags, seeds)] of the study, in the order they run."""
+    """[(group, size, recipe, method, flags, seeds)] of the study; study_order gives the order they run."""
     data = lambda train, test: STUDY + ["--data-root", str(Path(folder) / f"BIWI_{train}.npz"),
                                         "--val-data", "biwi", "--val-root", str(Path(folder) / f"BIWI_{test}.npz")]
     middle = args.middle_seeds or args.seeds
