@@ -602,7 +602,7 @@ def scarcity_tables(results, args):
                                 ("people", "People: sequences 01-04 and 01-08 -> 17-24", PEOPLE),
                                 ("long", "Length: all frames, 6,000 steps", (3,))):
         lines += ["", f"## {title}", "", "| recipe | size | training faces | SL | HMTL | HMTL w/o SSHs | HMTL vs SL"
-                  + cross + " |", "| --- " * (7 + 2 * bool(args.aflw2000)) + "|"]
+                  " | predicting the training mean" + cross + " |", "| --- " * (8 + 2 * bool(args.aflw2000)) + "|"]
         for recipe in RECIPES:
             for size in sizes:
                 cells = [found.get((group, size, recipe, m)) for m in METHODS]
@@ -612,10 +612,16 @@ def scarcity_tables(results, args):
                 sl, hm = mean(cells[0]), mean(cells[1])
                 gap = f"{(hm[0] / sl[0] - 1) * 100:+.0f}%" if sl and hm else "–"
                 row = (f"| {recipe} | {size} | {', '.join(map(str, sorted(faces))) or '–'} | " +
-                       " | ".join(f"{cell(mean(c))} (n {len(done(c))})" for c in cells) + f" | {gap} |")
+                       " | ".join(f"{cell(mean(c))} (n {len(done(c))})" for c in cells) + f" | {gap} | "
+                       f"{cell(mean(cells[0], 'baseline_mae_mean'))} |")
                 if args.aflw2000:
                     row += "".join(f" {cell(mean(c, 'aflw2000'))} |" for c in cells[:2])
                 lines.append(row)
+        if group == "people":  # few people cannot teach another's zero of pitch
+            sl, hm = ([found[(group, p, "paper", m)] for p in PEOPLE] for m in ("SL", "HMTL"))
+            lines += ["", "Pitch MAE (°): " + "; ".join(
+                f"{p} people: SL {cell(mean(a, 'val_mae_pitch'))}, HMTL {cell(mean(b, 'val_mae_pitch'))}, the "
+                f"training mean {cell(mean(a, 'baseline_mae_pitch'))}" for p, a, b in zip(PEOPLE, sl, hm)) + "."]
     se = [s["aflw2000_se"] for *_, summaries in results for s in summaries if s.get("aflw2000_se") is not None]
     if se:
         faces = {s["aflw2000_faces"] for *_, summaries in results for s in summaries if "aflw2000_faces" in s}
@@ -648,6 +654,18 @@ def scarcity_figure(results, path):
                 ls = "-" if recipe == "paper" else "--"
                 ax.plot(x, m, ls, marker="o", color=colour, label=f"{method} ({recipe})")
                 ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.15)
+            longer = [(s["train_images"], s["val_mae_mean"]) for g, _, rec, meth, summaries in results
+                      for s in summaries if g == "long" and (rec, meth) == (recipe, method) and "val_mae_mean" in s]
+            if group == "frames" and longer:
+                ax.plot(*np.mean(longer, axis=0, keepdims=True).T, "o", mfc="none", ms=9, color=colour)
+        if group == "people":
+            points = sorted((16 if g == "frames" else size, s["baseline_mae_mean"]) for g, size, rec, meth, summaries
+                            in results for s in summaries[:1] if "baseline_mae_mean" in s and meth == "SL"
+                            and rec == "paper" and (g == "people" or (g, size) == ("frames", 1)))
+            if points:
+                ax.plot(*zip(*points), ":x", color="grey", label="predicting the training mean")
+        elif any(g == "long" and "val_mae_mean" in s for g, *_, summaries in results for s in summaries):
+            ax.plot([], [], "o", mfc="none", ms=9, color="grey", label="all frames, 6,000 steps")
         ax.set(xscale="log" if group == "frames" else "linear", xlabel=xlabel, ylabel="test MAE (°), final model",
                title="BIWI 17-24, 2,000 steps a run")
         ax.legend(fontsize=8)
