@@ -643,28 +643,25 @@ def scarcity_figure(results, path):
         for (recipe, method), colour in zip([(r, m) for r in RECIPES for m in METHODS], plt.cm.tab10.colors):
             points = []
             for g, size, rec, meth, summaries in results:
-                values = [s["val_mae_mean"] for s in summaries if "val_mae_mean" in s]
-                if rec == recipe and meth == method and values and (g == group or (g, group) == ("frames", "people")
-                                                                    and size == 1):
-                    faces = next(s["train_images"] for s in summaries if "val_mae_mean" in s)
-                    x = faces if group == "frames" else (16 if g == "frames" else size)
-                    points.append((x, np.mean(values), np.std(values)))
+                finished = [s for s in summaries if "val_mae_mean" in s]
+                if rec == recipe and meth == method and finished and (g == group or (g, group) == ("frames", "people")
+                                                                      and size == 1):
+                    x = finished[0]["train_images"] if group == "frames" else (16 if g == "frames" else size)
+                    values = [s["val_mae_mean"] for s in finished]
+                    points.append((x, np.mean(values), np.std(values), finished[0].get("baseline_mae_mean", np.nan)))
             if points:
-                x, m, sd = map(np.array, zip(*sorted(points)))
+                x, m, sd, baseline = map(np.array, zip(*sorted(points)))
                 ls = "-" if recipe == "paper" else "--"
                 ax.plot(x, m, ls, marker="o", color=colour, label=f"{method} ({recipe})")
                 ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.15)
+                if group == "people" and (recipe, method) == ("paper", "SL"):
+                    ax.plot(x, baseline, ":x", color="grey", label="predicting the training mean")
             longer = [(s["train_images"], s["val_mae_mean"]) for g, _, rec, meth, summaries in results
                       for s in summaries if g == "long" and (rec, meth) == (recipe, method) and "val_mae_mean" in s]
             if group == "frames" and longer:
                 ax.plot(*np.mean(longer, axis=0, keepdims=True).T, "o", mfc="none", ms=9, color=colour)
-        if group == "people":
-            points = sorted((16 if g == "frames" else size, s["baseline_mae_mean"]) for g, size, rec, meth, summaries
-                            in results for s in summaries[:1] if "baseline_mae_mean" in s and meth == "SL"
-                            and rec == "paper" and (g == "people" or (g, size) == ("frames", 1)))
-            if points:
-                ax.plot(*zip(*points), ":x", color="grey", label="predicting the training mean")
-        elif any(g == "long" and "val_mae_mean" in s for g, *_, summaries in results for s in summaries):
+        if group == "frames" and any(g == "long" and "val_mae_mean" in s for g, *_, summaries in results
+                                     for s in summaries):
             ax.plot([], [], "o", mfc="none", ms=9, color="grey", label="all frames, 6,000 steps")
         ax.set(xscale="log" if group == "frames" else "linear", xlabel=xlabel, ylabel="test MAE (°), final model",
                title="BIWI 17-24, 2,000 steps a run")
