@@ -497,7 +497,7 @@ STUDY = ["--data", "biwi", "--arch", "resnet18", "--img-size", "64", "--workers"
 LONG = ["--epochs", "12", "--milestones", "9"]  # 6,000 steps
 METHODS = {"SL": [], "HMTL": HMTL_2X2, "HMTL w/o SSHs": HMTL_2X2 + ["--no-ssh"]}
 FRAMES = (256, 32, 4, 1)
-ENDS = (FRAMES[0], FRAMES[-1])  # SL vs HMTL here first, with every seed; the middle sizes may be cut short of seeds
+ENDS = (FRAMES[0], FRAMES[-1])  # SL vs HMTL here first; these and the length row get every seed, the rest may be cut
 PEOPLE = (4, 8)
 RECIPE_STUDY = {"paper's settings": [], "no rectification": ["--no-rectify"], "reg heads": ["--head", "reg"],
                 "translation crops": ["--aug", "shift"], "Dropout 0.4": ["--dropout", "0.4"],
@@ -517,7 +517,7 @@ def study_runs(folder, args):
         rows.append(("frames", k, recipe, method, data("train", "test") + RECIPES[recipe] + METHODS[method] +
                      ["--train-every", str(k)], args.seeds if k in ENDS else middle))
     for method, flags in METHODS.items():
-        rows.append(("long", 3, "paper", method, data("train", "test") + flags + LONG, middle))
+        rows.append(("long", 3, "paper", method, data("train", "test") + flags + LONG, args.seeds))
     for people in PEOPLE:
         for method, flags in METHODS.items():
             rows.append(("people", people, "paper", method, data(f"p{people}", "test") + flags, middle))

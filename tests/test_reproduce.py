@@ -96,6 +96,10 @@ def test_the_scarcity_study_reports_what_finished(tmp_path):
                                         report=True, runs=str(tmp_path / "runs"), out=str(tmp_path / "results"))
     rows = reproduce.study_runs(tmp_path, args)
     assert all("--epoch-steps" in flags and flags[flags.index("--epoch-steps") + 1] == "500" for *_, flags, _ in rows)
+    # --middle-seeds cuts the middle sizes and the people, never the ends of the frames axis or the length row
+    assert {(group, size, seeds) for group, size, *_, seeds in rows if group != "recipe"} == {
+        ("frames", 256, 2), ("frames", 32, 1), ("frames", 4, 1), ("frames", 1, 2), ("long", 3, 2), ("people", 4, 1),
+        ("people", 8, 1)}
     order = [(rows[i][:4], seed) for i, seed in reproduce.study_order(rows)]
     assert len(set(order)) == len(order) == sum(row[-1] for row in rows)
     # a study cut short: every cell at the ends has seed 0 before any has seed 1, and both before the middle sizes;
