@@ -270,7 +270,8 @@ def main():
     p.add_argument("--dev", action="store_true", help="--real: the flip study on the development split")
     p.add_argument("--scarcity", action="store_true", help="--real: where HMTL helps: the recipe study on the "
                    "development split, then SL and HMTL against the training set's size (frames, people) and length")
-    p.add_argument("--middle-seeds", type=int, help="--scarcity: seeds of the middle sizes (default: --seeds)")
+    p.add_argument("--middle-seeds", type=int,
+                   help="--scarcity: seeds of the middle sizes and the people (default: --seeds)")
     p.add_argument("--aflw2000", metavar="DIR", help="--scarcity: also score every final model on these AFLW2000 "
                    "faces (never trained on, never choosing)")
     p.add_argument("--report", action="store_true", help="--scarcity: write the tables and figure from the runs "
