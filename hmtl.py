@@ -38,7 +38,7 @@ from hmtl_data import (CROP_PROTOCOLS, DATASETS, TEST_SETS, DataError, GlobalBat
                        data_loader, every_kth, load_split, seeded, split_holdout)
 from hmtl_flags import (Parser, UsageError, action_of, bounded, check_combinations, help_default,
                         refuse_changes, subject_list)
-from hmtl_runs import Run, load_checkpoint, rank0_first, runtime, start_folder, sum_over_processes
+from hmtl_runs import Run, check_new_folder, load_checkpoint, rank0_first, runtime, sum_over_processes
 from hmtl_tiles import IMAGENET_MEAN, normalize, shuffle_tiles_normalize
 
 # ----------------------------------------------------------------------------- the model
@@ -537,8 +537,7 @@ def evaluation_loader(dataset, cfg, rt):
 
 def evaluate_checkpoint(given):
     """--eval-only: a checkpoint's network on its validation set, or on the one the command line names."""
-    state = load_checkpoint(given["checkpoint"])
-    cfg = checkpoint_config(state)
+    state, cfg = load_run(given["checkpoint"])
     refuse_changes(given, cfg, EVALUATION, "--eval-only evaluates the run as it was trained")
     overrides = {k: v for k, v in given.items() if k in EVALUATION}
     if "val_data" in given and "val_root" not in given:
@@ -571,12 +570,9 @@ class PoseEstimator(nn.Module):
 
 def trained_estimator(path, device):
     """(PoseEstimator of a checkpoint's deployable network, in eval mode on `device`, its config)."""
-    state = load_checkpoint(path)
-    cfg = checkpoint_config(state)
+    state, cfg = load_run(path)
     if cfg["stage"] == "pretrain":
         raise SystemExit(f"{path} is an SS pre-training checkpoint: it has no pose heads")
-    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
-        raise SystemExit(f"{path}: its weights hold NaN or infinite values; it cannot predict")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     net = PoseEstimator(model.deployable(), cfg["head"], cfg["bin_width"]).eval()
@@ -590,41 +586,41 @@ def train(cfg, state=None):
     epochs, the summary. Reported figures come from the final epoch; best.pt is written only where a
     checkpoint may be chosen (hmtl_runs.Run)."""
     rt = runtime(cfg)
-    run = Run(cfg, rt, state, val_is_test_set=cfg["val_data"] in TEST_SETS)
-    train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
-    if cfg["train_every"] > 1:
-        train_set = every_kth(train_set, cfg["train_every"], cfg["seed"])
-    evaluated = {"val": val_set}
-    if cfg["holdout"]:
-        train_set, evaluated["holdout"] = split_holdout(train_set, cfg["holdout"], cfg["seed"])
-    torch.manual_seed(cfg["seed"])  # the weights' initialisation, then dropout
-    model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
-    if cfg["init"] != "random" and not state:
-        load_backbone(model, cfg["init"], cfg["arch"])
-    if cfg["sync_bn"] and rt.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = AdaBelief(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                          rectify=cfg["rectify"]) if cfg["optimizer"] == "adabelief" else \
-        torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["milestones"], gamma=0.1)
-    first = run.start(model, optimizer, scheduler, train_set, evaluated, angle_names(cfg["data"]))
-    trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
-    batches = GlobalBatches(len(train_set), cfg["batch_size"], cfg["seed"], True, True, rt.rank, rt.world,
-                            cfg["epoch_steps"])
-    if len(batches) == 0 or len(train_set) == 0:
-        raise SystemExit(f"{len(train_set)} training images make no batch of {cfg['batch_size']}")
-    loader = data_loader(train_set, batches, cfg, rt)
-    loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in evaluated.items()}
-    for epoch in range(first, cfg["epochs"]):
-        batches.set_epoch(epoch)
-        with run.epoch(epoch) as row:  # Ctrl-C, or a loss not finite: one line naming what last.pt holds
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row |= train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
-            scheduler.step()
-            for prefix, (size, val_loader) in loaders.items():
-                row |= evaluate(trained, val_loader, cfg, rt, size, prefix)
-        run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, and never a non-finite one
-    return run.finish()
+    with Run(cfg, rt, state, val_is_test_set=cfg["val_data"] in TEST_SETS) as run:
+        train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
+        if cfg["train_every"] > 1:
+            train_set = every_kth(train_set, cfg["train_every"], cfg["seed"])
+        evaluated = {"val": val_set}
+        if cfg["holdout"]:
+            train_set, evaluated["holdout"] = split_holdout(train_set, cfg["holdout"], cfg["seed"])
+        torch.manual_seed(cfg["seed"])  # the weights' initialisation, then dropout
+        model = build_model(cfg).to(rt.device, memory_format=torch.channels_last)
+        if cfg["init"] != "random" and not state:
+            load_backbone(model, cfg["init"], cfg["arch"])
+        if cfg["sync_bn"] and rt.world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = AdaBelief(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                              rectify=cfg["rectify"]) if cfg["optimizer"] == "adabelief" else \
+            torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg["milestones"], gamma=0.1)
+        batches = GlobalBatches(len(train_set), cfg["batch_size"], cfg["seed"], True, True, rt.rank, rt.world,
+                                cfg["epoch_steps"])
+        if len(batches) == 0 or len(train_set) == 0:
+            raise SystemExit(f"{len(train_set)} training images make no batch of {cfg['batch_size']}")
+        first = run.start(model, optimizer, scheduler, train_set, evaluated, angle_names(cfg["data"]))
+        trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
+        loader = data_loader(train_set, batches, cfg, rt)
+        loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in evaluated.items()}
+        for epoch in range(first, cfg["epochs"]):
+            batches.set_epoch(epoch)
+            with run.epoch(epoch) as row:  # Ctrl-C, or a loss not finite: one line naming what last.pt holds
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                row |= train_one_epoch(trained, optimizer, loader, cfg, epoch, rt)
+                scheduler.step()
+                for prefix, (size, val_loader) in loaders.items():
+                    row |= evaluate(trained, val_loader, cfg, rt, size, prefix)
+            run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, and never a non-finite one
+        return run.finish()
 
 
 # ----------------------------------------------------------------------------- command line
@@ -765,6 +761,17 @@ def checkpoint_config(state):
     return {**preset(state["config"]["data"]), **state["config"]}
 
 
+def load_run(path):
+    """(state, config) of an hmtl checkpoint (last.pt, best.pt) whose weights are all finite."""
+    state = load_checkpoint(path)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and "model" in state):
+        raise SystemExit(f"{path}: not an hmtl checkpoint (no run config); backbone weights, such as a "
+                         f"torchvision state dict, go to --init PATH")
+    if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+        raise SystemExit(f"{path}: its weights hold NaN or infinite values; it cannot be used")
+    return state, checkpoint_config(state)
+
+
 def main(argv=None):
     """The command line (--help lists the flags); returns what the action returned."""
     try:
@@ -780,12 +787,14 @@ def main(argv=None):
         if action == "preview":
             return hmtl_use.preview(cfg, given["preview"])
         if action == "resume":
-            state = load_checkpoint(Path(cfg["out"]) / "last.pt")
-            run_cfg = checkpoint_config(state)
+            state, run_cfg = load_run(Path(cfg["out"]) / "last.pt")
             refuse_changes(given, run_cfg, RESUMABLE, f"--resume continues {cfg['out']} as it began")
+            if given.get("epochs", state["epoch"]) < state["epoch"]:
+                raise UsageError(f"--resume --epochs {given['epochs']}: {cfg['out']} has trained {state['epoch']} "
+                                 f"epochs already")
             run_cfg |= {k: v for k, v in given.items() if k in RESUMABLE}
             return train({**run_cfg, "out": cfg["out"]}, state)
-        start_folder(cfg["out"], "overwrite" in given)
+        check_new_folder(cfg["out"], "overwrite" in given)
         return train(cfg)
     except UsageError as e:
         print(f"hmtl.py: error: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,11 @@ class GlobalBatches(torch.utils.data.Sampler):
 def data_loader(dataset, batches, cfg, rt):
     """Decoded arrays load fastest in the training process itself; files decode in --workers processes."""
     workers = 0 if is_arrays(dataset) else cfg["workers"]
+    # Its own generator: the workers' seeds, drawn once for persistent workers, leave the global RNG
+    # (dropout) alone, so a resumed run draws what an uninterrupted one does.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                       pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0)
+                                       pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+                                       generator=seeded(cfg["seed"], "loader"))
 
 
 def every_kth(dataset, k, seed):
@@ -248,6 +252,7 @@ class PoseFiles(torch.utils.data.Dataset):
         self.dropped = int((~keep).sum())
         self.files, self.angles = [f for f, k in zip(files, keep) if k], angles[keep]
         self.size, self.seed, self.protocol = size, seed, protocol
+        self.sources = self.files + [f.with_suffix(".mat") for f in self.files]  # all that shapes a crop or label
 
     def __len__(self):
         return len(self.files)
@@ -270,7 +275,7 @@ class XGazeFiles(torch.utils.data.Dataset):
 
     def __init__(self, root, subjects, size):
         import h5py
-        self.paths = [Path(root) / f"subject{s:04d}.h5" for s in subjects]
+        self.paths = self.sources = [Path(root) / f"subject{s:04d}.h5" for s in subjects]
         angles = []
         for path in self.paths:
             try:
@@ -332,28 +337,45 @@ def cached(folder, meta, n, size, angles, chunks):
     matches, otherwise (re)built from chunks(): an iterator of (start, uint8 images, angles).
 
     It appears whole or not at all; a lock file lets one process build it while the others wait,
-    and a .partial folder left by a crash is removed, never reused."""
+    a .partial folder left by a crash is removed, never reused, and a damaged one is rebuilt."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not ((folder / "meta.json").is_file() and json.loads((folder / "meta.json").read_text()) == meta):
-            tmp = folder.with_name(folder.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
-            labels = np.zeros((n, angles), np.float32)
+        found = read_cache(folder, meta, (n, size, size, 3), (n, angles))
+        if found:
+            return found
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size, 3))
+        labels = np.zeros((n, angles), np.float32)
+        try:
             with tqdm(total=n, desc=f"building {folder}", unit="img") as bar:
                 for start, x, y in chunks():
                     images[start:start + len(x)], labels[start:start + len(x)] = x, y
                     bar.update(len(x))
-            images.flush()
-            del images
-            np.save(tmp / "angles.npy", labels)
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-    return PoseArrays(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "angles.npy"))
+        except KeyboardInterrupt:
+            raise SystemExit(f"interrupted while building {folder}: nothing was cached; it is built anew next time") \
+                from None
+        images.flush()
+        del images
+        np.save(tmp / "angles.npy", labels)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return read_cache(folder, meta, (n, size, size, 3), (n, angles))
+
+
+def read_cache(folder, meta, image_shape, angle_shape):
+    """The cache in `folder` if it was built for `meta` and is whole, else None."""
+    try:
+        if json.loads((folder / "meta.json").read_text()) != meta:
+            return None
+        images, angles = np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "angles.npy")
+    except (OSError, ValueError):  # missing, truncated or not what np.save writes
+        return None
+    return PoseArrays(images, angles) if images.shape == image_shape and angles.shape == angle_shape else None
 
 
 def cache_dataset(dataset, folder, meta, workers):
@@ -370,7 +392,7 @@ def cache_dataset(dataset, folder, meta, workers):
 
 def source_fingerprint(paths):
     """What a cache remembers of its source files: names, sizes and modification times."""
-    stats = json.dumps([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths])
+    stats = json.dumps([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths])
     return [len(paths), hashlib.sha1(stats.encode()).hexdigest()]
 
 
@@ -414,8 +436,7 @@ def load_split(cfg, train):
         raise DataError(f"{root}: no usable {name} faces for {split} (all {dataset.dropped} lie beyond ±{BINNABLE}°)")
     if not cfg["cache"] or is_arrays(dataset):
         return dataset
-    files = dataset.paths if name == "ethxgaze" else dataset.files
-    meta = {"dataset": name, "split": split, "source": source_fingerprint(files), "size": size, "seed": seed,
+    meta = {"dataset": name, "split": split, "source": source_fingerprint(dataset.sources), "size": size, "seed": seed,
             "crop": {"protocol": cfg["crop"], "margins": "by landmark count", "resize": "torchvision", "version": 2}}
     return cache_dataset(dataset, Path(cfg["cache"]) / f"{name}-{split}-{size}px", meta, cfg["workers"])
 
@@ -511,6 +532,10 @@ def synthetic_pose(seed, split, index):
     return rng, rng.uniform(-90, 90), rng.uniform(-60, 60), rng.uniform(-60, 60)
 
 
+def ignore_interrupts():  # a renderer process: Ctrl-C is the main process's to report
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _render_chunk(args):
     seed, split, size, indices = args
     images, angles = [], []
@@ -521,14 +546,12 @@ def _render_chunk(args):
     return np.stack(images), np.array(angles, np.float32)
 
 
-
-
 def synthetic_heads(n, size, seed, split, folder, workers):
     """n rendered heads of split 0 (train) or 1 (validation), generated once into a cache."""
     def chunks():
         starts = range(0, n, 256)
         jobs = [(seed, split, size, range(s, min(s + 256, n))) for s in starts]
-        with torch.multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
+        with torch.multiprocessing.get_context("fork").Pool(max(1, workers), ignore_interrupts) as pool:
             for start, (images, angles) in zip(starts, pool.imap(_render_chunk, jobs)):
                 yield start, images, angles
 

@@ -92,7 +92,7 @@ def check_combinations(cfg):
 
 def action_of(given, use):
     """What the flags given ask for besides training (one of ACTIONS, or None), checked: one at most,
-    --checkpoint where it needs one, and no flag that --predict or --export would ignore (`use`)."""
+    --checkpoint where it is read and nowhere else, and no flag that the action would ignore (`use`)."""
     actions = [a for a in ACTIONS if a in given]
     flag = lambda key: "--" + key.replace("_", "-")
     if len(actions) > 1:
@@ -100,8 +100,15 @@ def action_of(given, use):
     if "resume" in given and "overwrite" in given:
         raise UsageError("--resume continues a run and --overwrite replaces it: choose one")
     action = actions[0] if actions else None
-    if action in ("eval_only", "predict", "export") and "checkpoint" not in given:
+    reads_checkpoint = action in ("eval_only", "predict", "export")
+    if reads_checkpoint and "checkpoint" not in given:
         raise UsageError(f"{flag(action)} needs --checkpoint PATH")
+    if "checkpoint" in given and not reads_checkpoint:
+        raise UsageError("--checkpoint is read by --eval-only, --predict and --export; a run starts from --init "
+                         "PATH and --resume continues --out's last.pt")
+    writes = [flag(k) for k in ("out", "overwrite") if k in given]
+    if action == "eval_only" and writes:
+        raise UsageError(f"--eval-only prints its metrics and writes nothing; it would ignore {', '.join(writes)}")
     if action in use:
         unused = [flag(k) for k in given if k not in use[action]]
         if unused:

@@ -4,11 +4,13 @@ checkpoints resume a run exactly, and where nothing that is not finite is ever s
 import contextlib
 import csv
 import errno
+import fcntl
 import io
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -16,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hmtl_flags import UsageError
 
 RUN_FILES = ("config.json", "metrics.csv", "curves.png", "last.pt", "best.pt", "summary.json")
 SPLIT_NAMES = {"train": "training", "val": "validation", "holdout": "held-out"}
@@ -38,7 +42,7 @@ def runtime(cfg):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
+        raise UsageError("--device cuda: no CUDA device is available here")
     if cfg["sync_bn"] and world > 1 and not use_cuda:
         raise SystemExit("--sync-bn needs CUDA: SyncBatchNorm synchronises GPU processes only")
     if cfg["batch_size"] % world or cfg["batch_size"] // world < 2:
@@ -53,7 +57,7 @@ def runtime(cfg):
     if amp == "auto":
         amp = "bf16" if use_cuda or cpu_has_bf16() else "off"
     if amp == "fp16" and not use_cuda:
-        raise SystemExit("--amp fp16 needs a CUDA device; use bf16 or off on the CPU")
+        raise UsageError("--amp fp16 needs a CUDA device; use bf16 or off on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return Namespace(device=device, rank=rank, world=world, rows=slice(rank, None, world), amp=amp,
                      autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
@@ -113,18 +117,45 @@ def load_checkpoint(path):
         raise SystemExit(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's own message advises loading code from the file: hmtl never does
+        raise SystemExit(f"{path}: not a readable checkpoint ({type(e).__name__}): damaged, or it holds more "
+                         f"than tensors and plain values, which hmtl never loads") from None
 
 
-def start_folder(out, overwrite):
-    """A new run's folder: refused while it holds another run's files, unless --overwrite removes them."""
-    found = [f for f in RUN_FILES if (Path(out) / f).exists()]
+def run_files(out):
+    return [f for f in RUN_FILES if (Path(out) / f).exists()]
+
+
+def check_new_folder(out, overwrite):
+    """A new run may start in `out` unless it holds another run's files and --overwrite is not given;
+    those files are removed only once the new run is about to write (Run.start)."""
+    found = run_files(out)
     if found and not overwrite:
         raise SystemExit(f"{out} already holds a run ({', '.join(found)}): add --resume to continue it, "
                          f"--overwrite to replace it, or pick another --out")
-    for f in found:
-        (Path(out) / f).unlink()
+
+
+def make_folder(path, flag):
+    """mkdir -p, checked writable by writing a file there: or one line naming the flag, the path and why not."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: cannot write a folder there ({e.strerror or e})") from None
+
+
+def lock_folder(out):
+    """The run folder, created and locked for this process: a second process writing into it is
+    refused instead of mixing two runs' files. Closing the returned descriptor releases it."""
+    make_folder(out, "--out")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"{out} is in use by another hmtl process: wait for it to end, or pick another --out") \
+            from None
+    return fd
 
 
 def save_best(out):
@@ -159,9 +190,10 @@ def selection_score(row, prefix):
 
 class Run:
     """The folder cfg["out"] of a run: config.json, metrics.csv, curves.png, last.pt, best.pt and
-    summary.json. Only process 0 writes. Reported figures come from the final epoch; best.pt is written
-    only where a checkpoint may be chosen: on a held-out part of the training set (--holdout), or on a
-    validation set that is no test set (synthetic heads); summary.json names the set that chose it."""
+    summary.json, locked while the run is open (`with Run(...)`). Only process 0 writes. Reported
+    figures come from the final epoch; best.pt is written only where a checkpoint may be chosen: on a
+    held-out part of the training set (--holdout), or on a validation set that is no test set
+    (synthetic heads); summary.json names the set that chose it."""
 
     def __init__(self, cfg, rt, state, val_is_test_set):
         self.cfg, self.rt, self.state, self.out = cfg, rt, state, Path(cfg["out"])
@@ -175,6 +207,17 @@ class Run:
             if newest != oldest:
                 raise SystemExit(f"the processes read {self.last} at different epochs ({oldest} to {newest}): "
                                  f"another run is still writing to {self.out}; stop it, then --resume again")
+        self.made = self.writes and not self.out.exists()
+        self.lock = lock_folder(self.out) if self.writes else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            os.close(self.lock)
+        if self.made and not any(self.out.iterdir()):  # a start refused before writing leaves no trace
+            self.out.rmdir()
 
     def start(self, model, optimizer, scheduler, train_set, evaluated, names):
         """Restores a resumed run exactly where it stopped, writes config.json and says what runs;
@@ -194,7 +237,9 @@ class Run:
         self.sizes = {"train": len(train_set), **{prefix: len(data) for prefix, data in evaluated.items()}}
         self.baseline = np.abs(evaluated["val"].angles - train_set.angles.mean(0)).mean(0)  # predicting the mean
         if self.writes:
-            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.state:  # a new run: what an older one left (--overwrite) goes now, not before
+                for f in run_files(self.out):
+                    (self.out / f).unlink()
             write_atomically(self.out / "config.json", lambda f: f.write(json.dumps(self.cfg, indent=1).encode()))
             processes = f"{self.rt.world} process{'es' if self.rt.world > 1 else ''}"
             sizes = ", ".join(f"{n} {SPLIT_NAMES[p]}" for p, n in self.sizes.items())
@@ -215,7 +260,8 @@ class Run:
         except FloatingPointError as e:
             raise SystemExit(f"{e}: training stopped; {self.kept(epoch)}") from None
         except KeyboardInterrupt:
-            raise SystemExit(f"interrupted in epoch {epoch + 1}: {self.kept(epoch)}; continue with --resume") from None
+            then = "continue with --resume" if epoch else "start it again with --overwrite"
+            raise SystemExit(f"interrupted in epoch {epoch + 1}: {self.kept(epoch)}; {then}") from None
         row["seconds"] = time.perf_counter() - began
 
     def save(self, row, model, optimizer, scheduler):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from hmtl_data import angle_names, load_split, pose_matrix, square_crop
-from hmtl_runs import write_atomically
+from hmtl_runs import make_folder, write_atomically
 from hmtl_tiles import normalize
 
 BOX_COLUMNS = ("path", "x_min", "y_min", "x_max", "y_max")
@@ -50,6 +50,15 @@ def read_boxes(path):
     return boxes
 
 
+def eight_bit_rgb(image):
+    """An opened image as 8-bit RGB; 16-bit greyscale scaled down, which Pillow's convert would clip."""
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image, np.float64) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        raise ValueError(f"its pixels are 32-bit ({image.mode}); save it with 8 or 16 bits per channel")
+    return image.convert("RGB")
+
+
 def unique_name(stem, used):
     """stem_axes.png, or stem-2_axes.png, ... when two images share a name."""
     name, k = f"{stem}_axes.png", 1
@@ -74,38 +83,44 @@ def predict(args, net, cfg):
         raise SystemExit(f"--predict {' '.join(args['predict'])}: no .jpg, .jpeg, .png or .bmp images there")
     boxes = read_boxes(args["boxes"]) if args.get("boxes") else {}
     out = Path(args.get("out") or "predictions")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     rows, failed, matched, drawn_names = [], [], set(), set()
     for start in range(0, len(files), cfg["batch_size"]):
         batch = []
         for path in files[start:start + cfg["batch_size"]]:
             try:
                 with Image.open(path) as opened:
-                    image = opened.convert("RGB")
+                    image = eight_bit_rgb(opened)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 failed.append((path, f"cannot decode it ({e})"))
                 continue
             line, box = boxes.get(str(path)) or boxes.get(path.name) or (None, (0, 0, image.width, image.height))
             matched.add(line)
+            pixels = tuple(map(int, box))
             if box[2] <= 0 or box[3] <= 0 or box[0] >= image.width or box[1] >= image.height:
                 failed.append((path, f"its box {box} (--boxes line {line}) lies outside the "
                                      f"{image.width}x{image.height} image"))
-                continue
-            batch.append((path, image, box))
+            elif pixels[2] <= pixels[0] or pixels[3] <= pixels[1]:
+                failed.append((path, f"its box {box} (--boxes line {line}) holds no whole pixel"))
+            else:
+                batch.append((path, image, box, pixels))
         if not batch:
             continue
-        crops = torch.from_numpy(np.stack([square_crop(im, tuple(map(int, b)), size) for _, im, b in batch]))
+        crops = torch.from_numpy(np.stack([square_crop(im, pixels, size) for _, im, _, pixels in batch]))
         with torch.no_grad():
             angles = net(normalize(crops.to(device)))
         if not torch.isfinite(angles).all():
             raise SystemExit(f"{args['checkpoint']}: the network gives NaN or infinite angles")
-        for (path, image, box), pose in zip(batch, angles.tolist()):
+        for (path, image, box, _), pose in zip(batch, angles.tolist()):
             pose = dict(zip(names, pose))
             side = min(box[2] - box[0], box[3] - box[1])
             draw_axes(ImageDraw.Draw(image), pose["yaw"], pose["pitch"], pose.get("roll", 0.0),
                       ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), side / 2)
             drawn = unique_name(path.stem, drawn_names)
-            image.save(out / drawn)
+            try:
+                image.save(out / drawn)
+            except OSError as e:
+                raise SystemExit(f"--out {out}: cannot write {drawn} there ({e.strerror or e})") from None
             rows.append({"path": str(path), **{a: round(v, 3) for a, v in pose.items()}, "drawn": drawn})
             print(f"{path}: " + ", ".join(f"{a} {v:.1f}" for a, v in pose.items()))
 
@@ -133,7 +148,7 @@ def export(args, net, cfg, tolerance=1e-3):
     """--export DIR: the deployable network `net` (on the CPU) as torch.export (hmtl.pt2) and ONNX
     (hmtl.onnx, needs the onnx package), each checked to give PyTorch's angles within `tolerance` degrees."""
     out = Path(args["export"])
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--export")
     x = torch.randn(3, 3, cfg["img_size"], cfg["img_size"]).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         want = net(x)

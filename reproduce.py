@@ -180,16 +180,27 @@ def settings(cfg):
     return {k: v for k, v in cfg.items() if k not in ("out", "workers", "cache", "device")}
 
 
+def wanted(flags):
+    return settings(hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(flags))))
+
+
+def finished(flags, folder):
+    """The summary of the run in `folder` if it finished with the settings the flags now give, else None."""
+    try:
+        done = json.loads((folder / "summary.json").read_text())
+        made = settings(hmtl.checkpoint_config({"config": done["config"]}))
+    except (OSError, ValueError, KeyError, TypeError):  # not there, half-written, or not a summary
+        return None
+    return done if made == wanted(flags) else None
+
+
 def run(flags, folder):
     """A finished run's summary, running (or resuming) it first when needed; a reason when it cannot run.
     A run made with other settings than the flags now give (a changed default, say) is run again."""
-    wanted = settings(hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(flags))))
-    summary, last = folder / "summary.json", folder / "last.pt"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
-        if settings(hmtl.checkpoint_config({"config": done["config"]})) == wanted:
-            return done
-    resume = last.is_file() and settings(hmtl.checkpoint_config(hmtl.load_checkpoint(last))) == wanted
+    done, last = finished(flags, folder), folder / "last.pt"
+    if done:
+        return done
+    resume = last.is_file() and settings(hmtl.load_run(last)[1]) == wanted(flags)
     try:
         return hmtl.main([*flags, "--out", str(folder), "--resume" if resume else "--overwrite"])
     except SystemExit as e:  # a dataset or the ImageNet weights are out of reach, or training failed
@@ -553,8 +564,7 @@ def scarcity(args):
         group, size, recipe, method, flags, _ = rows[i]
         folder = runs / slug(flags) / f"seed{seed}"
         if args.report:
-            summary = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() \
-                else {"skipped": "not run yet"}
+            summary = finished(flags + ["--seed", str(seed)], folder) or {"skipped": "not run yet"}
         else:
             print(f"[{done}/{len(order)}] {group} {size}, {recipe}, {method}, seed {seed} -> {folder}", flush=True)
             summary = run(flags + ["--seed", str(seed)], folder)

@@ -1,5 +1,6 @@
 """The readers, in the datasets' published formats: the real AFLW2000 sample, and fabricated
 300W-LP, AFLW2000, ETH-XGaze and BIWI sets that go through training and evaluation."""
+import csv
 import json
 import multiprocessing
 import os
@@ -265,6 +266,66 @@ def test_cache_equals_direct_decoding_pixel_for_pixel_and_follows_its_source(tmp
     rebuilt = hmtl_data.load_split({**cfg, "cache": str(tmp_path / "cache")}, True)
     changed = hmtl_data.load_split(cfg, True)
     assert all(torch.equal(rebuilt[i][0], changed[i][0]) for i in range(20))
+    mat = loadmat(jpg.with_suffix(".mat"))  # the labels change, the image does not
+    mat["Pose_Para"][0, :3] = np.radians([5.0, -7.0, 9.0])
+    savemat(jpg.with_suffix(".mat"), {"Pose_Para": mat["Pose_Para"], "pt2d": mat["pt2d"]})
+    relabelled = hmtl_data.load_split({**cfg, "cache": str(tmp_path / "cache")}, True)
+    i = changed.files.index(jpg)
+    assert relabelled.angles[i].tolist() == pytest.approx([-7.0, 5.0, 9.0])  # yaw, pitch, roll
+    assert np.array_equal(relabelled.angles, hmtl_data.load_split(cfg, True).angles)
+
+
+@pytest.mark.parametrize("damage", ["truncated images.npy", "bad meta.json", "no angles.npy"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, damage):
+    root = fake_300wlp(tmp_path / "300W_LP", folders=("AFW",), per_folder=4)
+    cfg = config("--data", "300wlp", "--data-root", str(root), "--img-size", "32", "--workers", "0",
+                 "--cache", str(tmp_path / "cache"))
+    want = np.array(hmtl_data.load_split(cfg, True).images)
+    [folder] = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    if damage == "truncated images.npy":
+        (folder / "images.npy").write_bytes((folder / "images.npy").read_bytes()[:1000])
+    elif damage == "bad meta.json":
+        (folder / "meta.json").write_text("{half")
+    else:
+        (folder / "angles.npy").unlink()
+    again = hmtl_data.load_split(cfg, True)
+    assert np.array_equal(np.asarray(again.images), want) and again.angles.shape == (4, 3)
+
+
+def test_resume_is_exact_with_loader_workers_and_across_a_milestone(tmp_path):
+    """Files decoded by 2 worker processes, the learning rate dropped after epoch 1: a run resumed after
+    epoch 1 ends with every metric and learning rate of one that never stopped."""
+    root = fake_300wlp(tmp_path / "300W_LP", folders=("AFW",), per_folder=32)
+    args = lambda out, epochs: tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(root), "--val-data",
+                                         "300wlp", "--batch-size", "16", "--workers", "2", "--milestones", "1",
+                                         "--epochs", str(epochs), "--cache", "", out=out)  # no cache: workers decode
+    hmtl.main(args("whole", 3))
+    hmtl.main(args("resumed", 1))
+    hmtl.main(args("resumed", 3) + ["--resume"])
+    timeless = lambda run: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows(run)]
+    whole = timeless(tmp_path / "whole")
+    assert [float(r["lr"]) for r in whole] == pytest.approx([1e-3, 1e-4, 1e-4])
+    assert timeless(tmp_path / "resumed") == whole  # every digit of every metric
+
+
+def rows(run):
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_faces_at_99_degrees_are_kept_and_beyond_left_out_in_every_format_that_filters(tmp_path):
+    yaws = [99.0, -99.0, 99.01, 10.0]
+    biwi = tmp_path / "biwi.npz"
+    np.savez(biwi, image=np.zeros((4, 8, 8, 3), np.uint8), pose=np.array([[y, 0, 0] for y in yaws]))
+    assert hmtl_data.biwi_arrays(biwi, 8).angles[:, 0].tolist() == [99.0, -99.0, 10.0]
+    (tmp_path / "mats").mkdir()
+    for i, yaw in enumerate(yaws):
+        Image.new("RGB", (40, 40)).save(tmp_path / "mats" / f"image{i:05d}.jpg")
+        savemat(tmp_path / "mats" / f"image{i:05d}.mat", {"Pose_Para": np.array([[0.2, np.radians(yaw), 0, 0, 0, 0, 1]]),
+                                                          "pt2d": np.full((2, 21), 20.0)})
+    reduced = hmtl_data.PoseFiles(tmp_path / "mats", 32, 0)
+    assert reduced.angles[:, 0].tolist() == pytest.approx([99.0, -99.0, 10.0]) and reduced.dropped == 1
+    assert len(hmtl_data.PoseFiles(tmp_path / "mats", 32, 0, keep_beyond_99=True)) == 4  # AFLW2000's full protocol
 
 
 def test_a_crashed_cache_build_is_not_a_trap_and_two_builders_agree(tmp_path):

@@ -84,6 +84,17 @@ def test_catreg_loss_by_hand():
     assert bins[0, 0] == 43 and centres[43] == 31.5
 
 
+def test_catreg_bins_a_target_by_the_bin_it_lies_in():
+    """Targets inside bins, not on their edges: 2.0° lies in [0°, 3°), bin 33 (rounding would say 34);
+    -97.6° in bin 0, 98.9° in the last, 65."""
+    centres = hmtl.bin_centres(3)
+    target = torch.tensor([[2.0, -97.6, 98.9]])
+    sure = torch.full((1, 3, 66), -1e4)
+    sure[0, [0, 1, 2], [33, 0, 65]] = 0.0  # one-hot on the hand-picked bins: CE ~ 0
+    off = [abs(1.5 - 2.0), abs(-97.5 + 97.6), abs(97.5 - 98.9)]  # the expected angle is the bin's centre
+    assert hmtl.catreg_loss(sure, target, centres, 2.0).item() == pytest.approx(2 * sum(off), abs=1e-3)
+
+
 def test_reg_ssl_and_total_losses_by_hand():
     assert hmtl.reg_loss(torch.tensor([[[1.0], [2.0]], [[3.0], [-2.0]]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]])).item() \
         == pytest.approx(math.sqrt(5) + 2, rel=1e-6)
@@ -238,3 +249,66 @@ def test_evaluation_never_augments_flips_or_shuffles(monkeypatch):
     assert metrics["val_mae_yaw"] == pytest.approx(plain.mean((2, 3))[:, 0].abs().mean().item(), rel=1e-6)
     per_image = plain.mean((2, 3)).abs().mean(1).double()  # the 6 images' mean |error|
     assert metrics["val_mae_mean_se"] == pytest.approx((per_image.std() / 6 ** 0.5).item(), rel=1e-5)
+
+
+def test_a_training_step_minimises_l_sl_plus_the_configured_w_times_l_ss():
+    cfg = {"aug": "0", "grid": 3, "flip": 0.0, "ss_fraction": 1.0, "data": "synthetic", "task": "puzzle_rotation",
+           "head": "reg", "ssl_weight": 7.0}
+    model, rt = Recorder(), hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None),
+                                                    autocast=lambda: torch.autocast("cpu", enabled=False),
+                                                    scaler=torch.amp.GradScaler("cpu", enabled=False))
+    draw = hmtl.Draws(torch.Generator().manual_seed(0), 4, slice(None), torch.device("cpu"))
+    images = torch.randint(0, 256, (4, 24, 24, 3), dtype=torch.uint8)
+    loss, sl, ss = hmtl.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), images, torch.zeros(4, 3),
+                                   cfg, rt, draw).tolist()
+    assert ss == pytest.approx(9 * math.log(9) + 9 * math.log(4), rel=1e-5)  # zero logits: ln(classes) per head
+    assert loss == pytest.approx(sl + 7.0 * ss, rel=1e-6) and sl > 0
+
+
+class Constant:
+    """A draw whose every per-sample number is `value` (a stand-in for hmtl.Draws)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def uniform(self, low, high, *shape):
+        return torch.full((2, *shape), float(self.value))
+
+    def normal(self, *shape):
+        return torch.randn(2, *shape)
+
+
+def test_augmentation_levels_are_the_papers_and_each_op_is_the_identity_at_its_neutral_value():
+    a = hmtl
+    assert hmtl.AUGMENTATIONS == {"0": (), "1": (a.zoom, a.contrast), "2": (a.zoom, a.contrast, a.blur, a.downscale,
+                                                                           a.cutout),
+                                  "eth41": (a.zoom, a.hue), "eth52": (a.zoom, a.noise, a.cutout, a.hue, a.brightness,
+                                                                      a.contrast), "shift": (a.translate,)}
+    x = torch.rand(2, 3, 16, 16)
+    for op, neutral in ((a.zoom, 1.0), (a.contrast, 1.0), (a.brightness, 0.0), (a.hue, 0.0), (a.noise, 0.0),
+                        (a.blur, 0.01)):
+        torch.testing.assert_close(op(x, Constant(neutral)), x, atol=1e-5, rtol=0, msg=op.__name__)
+    for op, value in ((a.zoom, 0.8), (a.contrast, 1.4), (a.brightness, 0.15), (a.hue, 0.5), (a.noise, 0.05),
+                      (a.blur, 1.5)):
+        assert (op(x, Constant(value)) - x).abs().max() > 0.01, op.__name__  # and each does change the image
+    contrasted = a.contrast(x, Constant(0.5))  # halfway to each image's mean
+    torch.testing.assert_close(contrasted, (x + x.mean((1, 2, 3), keepdim=True)) / 2)
+    # zoom 0.5: output pixel i samples input coordinate 3.75 + i / 2 (pixel centres), bilinearly
+    where = 3.75 + torch.arange(16) / 2
+    weights = torch.zeros(16, 16)
+    weights[torch.arange(16), where.floor().long()] = 1 - where.frac()
+    weights[torch.arange(16), where.floor().long() + 1] = where.frac()
+    torch.testing.assert_close(a.zoom(x, Constant(0.5)), weights @ x @ weights.T)
+
+
+def test_cutout_fills_its_square_with_the_mean_colour_and_leaves_the_rest():
+    class Square:  # half side 0.25 of the image, centred: pixels 4..11 of 16
+        def uniform(self, low, high, *shape):
+            return torch.full((2, *shape), 0.25 if low == 0.05 else 0.5)
+
+    x = torch.rand(2, 3, 16, 16)
+    out = hmtl.cutout(x, Square())
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[4:12, 4:12] = True
+    mean = torch.tensor(hmtl_tiles.IMAGENET_MEAN)[:, None]
+    assert torch.equal(out[:, :, inside], mean.expand(2, 3, 64)) and torch.equal(out[:, :, ~inside], x[:, :, ~inside])

@@ -4,6 +4,7 @@ import csv
 import errno
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -181,6 +182,25 @@ def test_ctrl_c_says_what_last_pt_holds_and_the_run_resumes(tmp_path, monkeypatc
         hmtl.main(tiny_args(tmp_path))
     monkeypatch.undo()
     assert hmtl.main(tiny_args(tmp_path, "--resume"))["epochs"] == 2
+    with pytest.raises(hmtl.UsageError, match="--resume --epochs 1: .* has trained 2 epochs already"):
+        hmtl.main(tiny_args(tmp_path, "--resume", "--epochs", "1"))
+    monkeypatch.setattr(hmtl, "train_one_epoch", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit, match="^interrupted in epoch 1: no checkpoint was written yet; start it again "
+                                         "with --overwrite$"):
+        hmtl.main(tiny_args(tmp_path, out="first"))
+
+
+def test_ctrl_c_while_a_cache_is_built_stops_with_one_line(tmp_path):
+    proc = subprocess.Popen([sys.executable, "hmtl.py", *tiny_args(tmp_path, "--synthetic-train", "20000")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cache = tmp_path.parent / "cache"
+    while proc.poll() is None and not list(cache.glob("*.partial")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C does: to every process of the group, renderers included
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1].startswith(f"interrupted while building {cache}")
 
 
 def test_a_huge_learning_rate_stops_before_writing_a_checkpoint(tmp_path):
@@ -250,6 +270,51 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     monkeypatch.undo()
     assert hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume"))["epochs"] == 2
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tmp_path):
+    hmtl.main(tiny_args(tmp_path, "--epochs", "1"))
+    kept = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    with pytest.raises(SystemExit, match="--data-root '/nonexistent' for 300wlp: missing"):
+        hmtl.main(tiny_args(tmp_path, "--overwrite", "--data", "300wlp", "--data-root", "/nonexistent"))
+    with pytest.raises(hmtl.UsageError, match="--amp fp16 needs a CUDA device"):
+        hmtl.main(tiny_args(tmp_path, "--overwrite", "--amp", "fp16"))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == kept
+    hmtl.main(tiny_args(tmp_path, "--epochs", "1", "--overwrite", "--holdout", "0.25"))  # best.pt: the new run's
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["config"]["holdout"] == 0.25
+
+
+def test_a_run_folder_takes_one_process_at_a_time(tmp_path):
+    import fcntl
+    (tmp_path / "run").mkdir()
+    other = os.open(tmp_path / "run", os.O_RDONLY)  # as another process writing there would hold it
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SystemExit, match=f"^{tmp_path / 'run'} is in use by another hmtl process"):
+            hmtl.main(tiny_args(tmp_path))
+        assert not list((tmp_path / "run").iterdir())
+    finally:
+        os.close(other)
+    assert hmtl.main(tiny_args(tmp_path, "--epochs", "1"))["epochs"] == 1
+    assert hmtl.main(tiny_args(tmp_path, "--epochs", "2", "--resume"))["epochs"] == 2  # released after each run
+
+
+def test_output_paths_that_cannot_be_written_get_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path / 'file' / 'run'}: cannot write a folder there"):
+        hmtl.main(tiny_args(tmp_path, out="file/run"))
+
+
+def test_a_file_that_is_no_hmtl_checkpoint_is_refused_in_one_line(tmp_path):
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")
+    for args in (["--eval-only"], ["--predict", str(tmp_path)], ["--export", str(tmp_path / "e")]):
+        with pytest.raises(SystemExit, match="^.*resnet18.pt: not an hmtl checkpoint .* go to --init PATH$"):
+            hmtl.main([*args, "--checkpoint", str(tmp_path / "resnet18.pt")])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "resnet18.pt").rename(tmp_path / "run" / "last.pt")
+    with pytest.raises(SystemExit, match="last.pt: not an hmtl checkpoint"):
+        hmtl.main(tiny_args(tmp_path, "--resume"))
 
 
 def test_a_new_run_never_replaces_another_and_resume_refuses_other_settings(tmp_path):
@@ -415,6 +480,10 @@ BAD_FLAGS = [
      "--export uses only --checkpoint; it would ignore --out"),
     (["--boxes", "boxes.csv"], "--boxes crops the images given to --predict"),
     (["--preview", "a.png", "--eval-only"], "--eval-only and --preview do not go together"),
+    (["--checkpoint", "other.pt"], "--checkpoint is read by --eval-only, --predict and --export"),
+    (["--resume", "--checkpoint", "other.pt"], "--resume continues --out's last.pt"),
+    (["--eval-only", "--checkpoint", "a.pt", "--out", "x", "--overwrite"],
+     "--eval-only prints its metrics and writes nothing; it would ignore --out, --overwrite"),
 ]
 
 
@@ -442,11 +511,27 @@ def test_missing_files_get_one_line_naming_them(args, message):
     assert message in str(stop.value) and "\n" not in str(stop.value)
 
 
+def test_refusals_that_depend_on_the_machine_exit_2(tmp_path, capsys):
+    refused = [["--amp", "fp16"]] + ([["--device", "cuda"]] if not torch.cuda.is_available() else [])
+    for flags in refused:
+        with pytest.raises(SystemExit) as stop:
+            hmtl.main(tiny_args(tmp_path, "--device", "cpu", *flags) if flags[0] == "--amp" else
+                      tiny_args(tmp_path, *flags))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("hmtl.py: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_corrupt_checkpoints_and_existing_runs_are_refused(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="bad.pt: not a readable checkpoint"):
         hmtl.main(["--eval-only", "--checkpoint", str(bad)])
+    torch.save({"model": {}, "config": {"data": "synthetic"}, "code": FullDisk(0)}, bad)  # any class of code
+    with pytest.raises(SystemExit) as stop:  # a pickle of more than tensors: refused, never loaded
+        hmtl.main(["--eval-only", "--checkpoint", str(bad)])
+    assert "not a readable checkpoint" in str(stop.value) and "weights_only" not in str(stop.value)
+    assert "\n" not in str(stop.value)
     with pytest.raises(SystemExit, match="checkpoint not found"):
         hmtl.main(tiny_args(tmp_path, "--resume"))
     (tmp_path / "run").mkdir()

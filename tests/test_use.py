@@ -166,3 +166,51 @@ def test_predict_and_export_refuse_a_checkpoint_with_broken_weights(checkpoint, 
         hmtl.main(["--predict", str(image), "--checkpoint", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "p")])
     with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):
         hmtl.main(["--export", str(tmp_path / "e"), "--checkpoint", str(tmp_path / "broken.pt")])
+    with pytest.raises(SystemExit, match="broken.pt: its weights hold NaN"):  # never NaN metrics
+        hmtl.main(["--eval-only", "--checkpoint", str(tmp_path / "broken.pt")])
+
+
+def test_the_deployed_network_gives_the_angles_evaluation_scored(learned):
+    """PoseEstimator (what --predict and --export ship) decodes the pose heads as evaluate does: its MAE on
+    the validation faces is the run's own."""
+    folder, summary = learned["hmtl"]
+    val = hmtl_data.biwi_arrays(folder.parent / "val.npz", 32)
+    net, _ = hmtl.trained_estimator(folder / "last.pt", torch.device("cpu"))
+    with torch.no_grad():
+        angles = net(hmtl_tiles.normalize(torch.from_numpy(np.asarray(val.images))))
+    errors = (angles - torch.from_numpy(val.angles)).abs().mean(0).tolist()
+    assert errors == pytest.approx([summary[f"val_mae_{a}"] for a in ("yaw", "pitch", "roll")], abs=1e-3)
+
+
+def test_a_16_bit_png_is_predicted_as_its_8_bit_copy(checkpoint, aflw_sample, tmp_path):
+    grey = np.asarray(Image.open(sorted(aflw_sample.glob("*.jpg"))[0]).convert("L"))
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 0..65535
+    assert Image.open(tmp_path / "sixteen.png").mode == "I;16"
+    rows = hmtl.main(["--predict", str(tmp_path / "eight.png"), str(tmp_path / "sixteen.png"), "--checkpoint",
+                      str(checkpoint), "--out", str(tmp_path / "out")])
+    assert [rows[1][a] for a in ("yaw", "pitch", "roll")] == [rows[0][a] for a in ("yaw", "pitch", "roll")]
+
+
+def test_a_box_with_no_whole_pixel_is_skipped_by_its_line_and_the_rest_predicted(checkpoint, tmp_path, capsys):
+    for name in ("thin.png", "good.png"):
+        Image.new("RGB", (40, 40), (90, 60, 30)).save(tmp_path / name)
+    (tmp_path / "boxes.csv").write_text("path,x_min,y_min,x_max,y_max\nthin.png,10.2,10,10.9,30\n"
+                                        "good.png,5,5,35,35\n")
+    with pytest.raises(SystemExit, match="1 of 2 images were skipped"):
+        hmtl.main(["--predict", str(tmp_path / "thin.png"), str(tmp_path / "good.png"), "--checkpoint", str(checkpoint),
+                   "--boxes", str(tmp_path / "boxes.csv"), "--out", str(tmp_path / "out")])
+    assert "thin.png: skipped: its box (10.2, 10.0, 10.9, 30.0) (--boxes line 2) holds no whole pixel" in \
+        capsys.readouterr().err
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [str(tmp_path / "good.png")]
+
+
+def test_output_paths_that_cannot_be_written_name_the_flag_and_path(checkpoint, tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "face.png")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"^--out {tmp_path / 'file'}: cannot write a folder there"):
+        hmtl.main(["--predict", str(tmp_path / "face.png"), "--checkpoint", str(checkpoint), "--out",
+                   str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match=f"^--export {tmp_path / 'file' / 'e'}: cannot write a folder there"):
+        hmtl.main(["--export", str(tmp_path / "file" / "e"), "--checkpoint", str(checkpoint)])
