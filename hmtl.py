@@ -693,7 +693,8 @@ def get_args_parser():
     add(g, "--aug", "augmentation: 0, 1, 2, eth41, eth52, shift", choices=tuple(AUGMENTATIONS))
     add(g, "--flip", "probability of HopeNet's horizontal flip (yaw and roll negated)",
         type=bounded(float, 0, 1))
-    add(g, "--amp", "mixed precision; auto: bf16 on CUDA and on CPUs with bf16 units, else off",
+    add(g, "--amp", "mixed precision; auto: bf16 where the GPU or CPU computes it natively, fp16 on older "
+        "GPUs, else off",
         choices=("auto", "bf16", "fp16", "off"))
     add(g, "--sync-bn", "SyncBatchNorm across processes (torchrun, GPUs)", action="store_true")
     add(g, "--seed", "", type=bounded(int, 0, 2 ** 63 - 1))

@@ -54,8 +54,10 @@ def runtime(cfg):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     amp = cfg["amp"]
-    if amp == "auto":
-        amp = "bf16" if use_cuda or cpu_has_bf16() else "off"
+    if amp == "auto":  # bf16 where it is computed natively (GPUs of compute capability 8.0 and later, CPUs
+        # with bf16 units); on older GPUs (T4, V100, RTX 20xx) fp16 with the GradScaler; else fp32
+        amp = ("bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16") if use_cuda \
+            else "bf16" if cpu_has_bf16() else "off"
     if amp == "fp16" and not use_cuda:
         raise UsageError("--amp fp16 needs a CUDA device; use bf16 or off on the CPU")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
@@ -312,7 +314,7 @@ class Run:
             summary |= {f"baseline_mae_{a}": float(b) for a, b in zip(self.names, self.baseline)}
             summary["baseline_mae_mean"] = float(self.baseline.mean())
         summary |= {"best_pt": {"epoch": self.best_epoch, "chosen_on": self.chosen_on()}, "epochs": len(self.history),
-                    "train_images": self.sizes["train"], "val_images": self.sizes["val"],
+                    "train_images": self.sizes["train"], "val_images": self.sizes["val"], "amp": self.rt.amp,
                     "seconds": sum(r["seconds"] for r in self.history), "config": self.cfg}
         if self.writes:
             plot_curves(self.out, self.history, self.names, summary.get("baseline_mae_mean"))

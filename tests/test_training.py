@@ -67,6 +67,19 @@ def test_amp_follows_what_the_cpu_can_do_both_ways(tmp_path, monkeypatch, capsys
     assert pose.dtype == (torch.bfloat16 if bf16 == "1" else torch.float32)
     summary = hmtl.main(tiny_args(tmp_path, "--task", "puzzle", "--epochs", "1"))
     assert f"(1 process, amp {rt.amp})" in capsys.readouterr().out and np.isfinite(summary["train_loss"])
+    assert summary["amp"] == rt.amp  # what ran, beside the config's "auto"
+
+
+@pytest.mark.parametrize("capability,amp", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_takes_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, amp):
+    """A T4 (7.5) emulates bf16: auto takes fp16 there, with the loss scaled; an A100 (8.0) or H100 (9.0)
+    computes bf16. The GPU is faked: its answers as torch gives them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
+    rt = hmtl_runs.runtime(config("--device", "auto"))
+    assert rt.device.type == "cuda" and rt.amp == amp and rt.scaler.is_enabled() == (amp == "fp16")
 
 
 def test_a_killed_run_resumes_to_the_same_metrics_as_one_that_never_stopped(tmp_path):
