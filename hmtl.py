@@ -757,6 +757,11 @@ def resolve_config(given):
     return cfg
 
 
+def config(argv):
+    """The full config of a run that these command-line flags describe."""
+    return resolve_config(vars(get_args_parser().parse_args(argv)))
+
+
 def checkpoint_config(state):
     """A checkpoint's config, settings it predates taking their defaults."""
     return {**preset(state["config"]["data"]), **state["config"]}

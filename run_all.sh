@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Reproduces every table and figure of the paper (docs/method.md, section 7): results/tables.md and
-# results/fig*.png, from runs kept in runs/paper (finished runs are skipped, unfinished resumed).
+# Every table and figure: each study of reproduce.py is data (studies/), run by one runner; finished
+# runs are skipped, unfinished ones resumed, runs made with other settings run again.
 #
-#   bash run_all.sh --quick          every configuration on tiny synthetic heads: a smoke run
-#   bash run_all.sh [--seeds 3]      the paper's runs: needs the datasets and, realistically, a GPU
-#   bash run_all.sh --real DIR       the real-face benchmark on BIWI (DIR from tools/biwi_to_npz.py):
-#                                    results/biwi.md and results/biwi.png; add --ablations for the
-#                                    variants of HMTL, --dev for the flip study, or --scarcity for
-#                                    where HMTL helps (results/scarcity.md and results/scarcity.png)
+#   bash run_all.sh paper --quick --seeds 1 --out results/smoke   every configuration of the paper, tiny: a smoke run
+#   bash run_all.sh paper [--seeds 3]     the paper's Tables 1-4 and Figs. 3-7: needs the datasets and a GPU
+#   bash run_all.sh biwi DIR              the BIWI benchmark (DIR from tools/biwi_to_npz.py): results/biwi.md
+#                                         and .png; --ablations adds the variants of HMTL, --dev the flip study
+#   bash run_all.sh scarcity DIR          where HMTL helps: results/scarcity.md and .png
+#   bash run_all.sh STUDY ... --report    the tables and figures from the runs that finished, training none
 #
-# Dataset roots (not needed with --quick or --real):
+# Dataset roots of the paper's study (not needed with --quick):
 #   ETHXGAZE_ROOT   folder of ETH-XGaze subjectXXXX.h5 files (the 224 px face-patch release)
 #   W300LP_ROOT     the 300W_LP folder (AFW, HELEN, IBUG, LFPW and their _Flip versions)
 #   AFLW2000_ROOT   the AFLW2000 folder (image*.jpg + image*.mat)

@@ -37,9 +37,8 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--passes", type=int, default=3)
     args = p.parse_args()
-    cfg = hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(
-        ["--data", "aflw2000", "--data-root", args.root, "--img-size", str(args.img_size), "--workers", str(args.workers),
-         "--no-aflw2000-reduced"])))
+    cfg = hmtl.config(["--data", "aflw2000", "--data-root", args.root, "--img-size", str(args.img_size), "--workers",
+                       str(args.workers), "--no-aflw2000-reduced"])
     files = hmtl_data.load_split(cfg, False)
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()

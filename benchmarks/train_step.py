@@ -39,9 +39,9 @@ def main():
     p.add_argument("--cache", default="data/cache")
     args = p.parse_args()
 
-    config = lambda task: hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args([
+    config = lambda task: hmtl.config([
         "--data", "300wlp", "--arch", args.arch, "--img-size", str(args.img_size), "--batch-size",
-        str(args.batch_size), "--task", task, "--amp", args.amp, "--device", args.device])))
+        str(args.batch_size), "--task", task, "--amp", args.amp, "--device", args.device])
     rt = hmtl_runs.runtime(config("none"))
     n = args.batch_size
     data = hmtl_data.synthetic_heads(n, args.img_size, seed=0, split=0, folder=args.cache, workers=2)

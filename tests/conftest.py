@@ -28,7 +28,7 @@ def tiny_args(tmp_path, *extra, out="run"):
 
 def config(*flags):
     """The full config hmtl.py resolves from these flags."""
-    return hmtl.resolve_config(vars(hmtl.get_args_parser().parse_args(list(flags))))
+    return hmtl.config(list(flags))
 
 
 def expected_amp():

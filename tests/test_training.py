@@ -204,9 +204,10 @@ def test_ctrl_c_says_what_last_pt_holds_and_the_run_resumes(tmp_path, monkeypatc
 
 
 def test_ctrl_c_while_a_cache_is_built_stops_with_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "hmtl.py", *tiny_args(tmp_path, "--synthetic-train", "20000")], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    cache = tmp_path.parent / "cache"
+    cache = tmp_path / "cache"  # its own: only this build makes a .partial folder there
+    proc = subprocess.Popen([sys.executable, "hmtl.py", *tiny_args(tmp_path, "--synthetic-train", "20000", "--cache",
+                                                                   str(cache))],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     while proc.poll() is None and not list(cache.glob("*.partial")):
         time.sleep(0.05)
     time.sleep(0.5)
