@@ -21,6 +21,7 @@ hmtl_flags.py (the command line's checks); docs/method.md (the conventions).
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import sys
@@ -38,7 +39,8 @@ from hmtl_data import (CROP_PROTOCOLS, DATASETS, TEST_SETS, DataError, GlobalBat
                        data_loader, every_kth, load_split, seeded, split_holdout)
 from hmtl_flags import (Parser, UsageError, action_of, bounded, check_combinations, help_default,
                         refuse_changes, subject_list)
-from hmtl_runs import Run, check_new_folder, load_checkpoint, rank0_first, runtime, sum_over_processes
+from hmtl_runs import (IMAGENET_WEIGHTS, Run, check_new_folder, imagenet_weights, load_backbone,
+                       load_checkpoint, rank0_first, runtime, sum_over_processes)
 from hmtl_tiles import IMAGENET_MEAN, normalize, shuffle_tiles_normalize
 
 # ----------------------------------------------------------------------------- the model
@@ -115,40 +117,6 @@ def build_model(cfg):
                 bin_width=cfg["bin_width"], dropout=cfg["dropout"],
                 task="none" if cfg["no_ssh"] else cfg["task"], flag=4 if pretrain else cfg["flag"],
                 grid=cfg["grid"], ssl_dropout=cfg["ssl_dropout"], ssl_block=not pretrain)
-
-
-IMAGENET_WEIGHTS = {"imagenet": "IMAGENET1K_V1", "imagenet-v2": "IMAGENET1K_V2"}
-
-
-def imagenet_weights(init, arch):
-    """The torchvision weights that --init names for `arch`: IMAGENET1K_V1, the recipe a 2021 ResNet50
-    came from, or IMAGENET1K_V2, torchvision's newer one."""
-    enum = torchvision.models.get_model_weights(arch)
-    if not hasattr(enum, IMAGENET_WEIGHTS[init]):
-        raise UsageError(f"--init {init}: torchvision has no {IMAGENET_WEIGHTS[init]} weights for {arch}")
-    return getattr(enum, IMAGENET_WEIGHTS[init])
-
-
-def load_backbone(model, init, arch):
-    """--init: the backbone of torchvision's ImageNet weights, or of a file (a torchvision state dict or
-    an hmtl checkpoint, e.g. from --stage pretrain). The heads stay as initialised."""
-    if init in IMAGENET_WEIGHTS:
-        try:
-            state = imagenet_weights(init, arch).get_state_dict(progress=True)
-        except Exception as e:
-            raise SystemExit(f"--init {init}: cannot download torchvision's weights ({type(e).__name__}); "
-                             f"fetch them once elsewhere and pass the file: --init PATH") from e
-    else:
-        state = load_checkpoint(init)
-        state = state.get("model", state)
-    rename = {"conv1.": "stem.0.", "bn1.": "stem.1.",
-              **{f"layer{k}.": f"stages.{k - 1}." for k in range(1, 5)}}
-    for old, new in rename.items():
-        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
-    wanted = {k: v.shape for k, v in model.state_dict().items() if k.startswith(("stem.", "stages."))}
-    if {k: v.shape for k, v in state.items() if k.startswith(("stem.", "stages."))} != wanted:
-        raise SystemExit(f"--init {init}: does not hold a {arch} backbone")
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
 # ----------------------------------------------------------------------------- the losses (paper eq. 1-3)
@@ -280,48 +248,57 @@ class AdaBelief(torch.optim.Optimizer):
 # per-sample parameters and flipped, then the tiles of each drawn (its SS labels) and shuffled.
 
 def sample_tiles(n, grid, task, generator=None, device=None):
-    """Random SS parameters (perm, rot), each n x grid² int64: the labels of the tile heads.
+    """Random SS parameters (perm, rot), each n x grid² int64 on `device`: the labels of the tile heads.
 
     puzzle: a random permutation, no rotation; rotation: tiles in place, each turned by k·90°;
     puzzle_rotation: a permutation and at most two tiles turned (two distinct positions, each a
-    random k in 0..3); none: the identity. Drawn on the CPU from `generator`, then moved to `device`.
+    random k in 0..3); none: the identity. Valid by construction (an argsort is a permutation), so
+    the tile op need not read them back from a GPU to check them.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    g2 = grid * grid
-    perm, rot = torch.arange(g2).repeat(n, 1), torch.zeros(n, g2, dtype=torch.long)
+    g2, draw = grid * grid, dict(generator=generator, device=device)
+    perm = torch.arange(g2, device=device).repeat(n, 1)
+    rot = torch.zeros(n, g2, dtype=torch.long, device=device)
     if task in ("puzzle", "puzzle_rotation"):
-        perm = torch.rand(n, g2, generator=generator).argsort(1)
+        perm = torch.rand(n, g2, **draw).argsort(1)
     if task == "rotation":
-        rot = torch.randint(0, 4, (n, g2), generator=generator)
+        rot = torch.randint(0, 4, (n, g2), **draw)
     if task == "puzzle_rotation":
-        where = torch.rand(n, g2, generator=generator).argsort(1)[:, :2]
-        rot.scatter_(1, where, torch.randint(0, 4, where.shape, generator=generator))
-    return perm.to(device), rot.to(device)
+        where = torch.rand(n, g2, **draw).argsort(1)[:, :2]
+        rot.scatter_(1, where, torch.randint(0, 4, where.shape, **draw))
+    return perm, rot
 
 
 class Draws:
-    """Per-sample random numbers, drawn for a whole global batch of n, then cut to the rows this
+    """Per-sample random numbers, drawn for a whole global batch of n on the training device from one
+    seed that `gen` gives (so a step never waits for a copy from the host), then cut to the rows this
     process holds: any number of processes gives each sample the same numbers."""
 
     def __init__(self, gen, n, rows, device):
-        self.gen, self.n, self.rows, self.device = gen, n, rows, device
+        self.gen = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (), generator=gen)))
+        self.n, self.rows, self.device = n, rows, device
 
     def uniform(self, low, high, *shape):
-        x = torch.rand(self.n, *shape, generator=self.gen)[self.rows]
-        return (x * (high - low) + low).to(self.device)
+        x = torch.rand(self.n, *shape, generator=self.gen, device=self.device)[self.rows]
+        return x * (high - low) + low
 
     def integers(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen)[self.rows].to(self.device)
+        return torch.randint(low, high, (self.n,), generator=self.gen, device=self.device)[self.rows]
 
-    def normal(self, *shape):  # on the device, from a seed: a noise image per sample is slow on a host
-        seed = torch.randint(2 ** 62, (), generator=self.gen).item()
-        device_gen = torch.Generator(self.device).manual_seed(seed)
-        return torch.randn(self.n, *shape, generator=device_gen, device=self.device)[self.rows]
+    def normal(self, *shape):
+        return torch.randn(self.n, *shape, generator=self.gen, device=self.device)[self.rows]
 
     def tiles(self, grid, task):
-        perm, rot = sample_tiles(self.n, grid, task, self.gen)
-        return perm[self.rows].to(self.device), rot[self.rows].to(self.device)
+        perm, rot = sample_tiles(self.n, grid, task, self.gen, self.device)
+        return perm[self.rows], rot[self.rows]
+
+
+@functools.cache
+def constant(values, device):
+    """A small constant tensor on `device`, made once, from pinned memory on a GPU: no step waits for it."""
+    t = torch.tensor(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def zoom(x, draw):  # random central zoom: the central s·H x s·W, s ~ U[0.8, 1], resized back
@@ -339,7 +316,8 @@ def brightness(x, draw):
     return x + draw.uniform(-0.15, 0.15)[:, None, None, None]
 
 
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(RGB_TO_YIQ)).tolist()))
 
 
 def hue(x, draw):  # chroma rotated in YIQ space by up to ±0.1 turn
@@ -347,8 +325,8 @@ def hue(x, draw):  # chroma rotated in YIQ space by up to ±0.1 turn
     rot = torch.zeros(len(x), 3, 3, device=x.device)
     rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, turn.cos(), turn.cos()
     rot[:, 1, 2], rot[:, 2, 1] = -turn.sin(), turn.sin()
-    to_yiq = RGB_TO_YIQ.to(x.device)
-    return torch.einsum("nij,njhw->nihw", torch.linalg.inv(to_yiq) @ rot @ to_yiq, x)
+    to_yiq, to_rgb = constant(RGB_TO_YIQ, x.device), constant(YIQ_TO_RGB, x.device)
+    return torch.einsum("nij,njhw->nihw", to_rgb @ rot @ to_yiq, x)
 
 
 def noise(x, draw):  # Gaussian, sigma ~ U[0, 0.05]
@@ -367,12 +345,10 @@ def blur(x, draw):  # Gaussian, sigma ~ U[0, 1.5] pixels, separable 7-tap
 
 
 def downscale(x, draw):  # resolution divided by 1, 2, 3 or 4, then brought back
-    factor, out = draw.integers(1, 5), x.clone()
-    for f in (2, 3, 4):
-        rows = factor == f
-        if rows.any():
-            small = F.interpolate(x[rows], scale_factor=1 / f, mode="bilinear", antialias=True)
-            out[rows] = F.interpolate(small, size=x.shape[-2:], mode="bilinear")
+    factor, out = draw.integers(1, 5)[:, None, None, None], x
+    for f in (2, 3, 4):  # the whole batch at each factor, each image keeping its own: no host reads them
+        small = F.interpolate(x, scale_factor=1 / f, mode="bilinear", antialias=True)
+        out = torch.where(factor == f, F.interpolate(small, size=x.shape[-2:], mode="bilinear"), out)
     return out
 
 
@@ -390,7 +366,7 @@ def cutout(x, draw):  # a square of side U[0.1, 0.4]·H at a random centre, set 
     ys, xs = (torch.arange(h, device=x.device) + 0.5) / h, (torch.arange(w, device=x.device) + 0.5) / w
     inside = ((ys[None, :, None] - cy[:, None, None]).abs() < half[:, None, None]) & \
              ((xs[None, None, :] - cx[:, None, None]).abs() < half[:, None, None])
-    return torch.where(inside[:, None], torch.tensor(IMAGENET_MEAN, device=x.device)[None, :, None, None], x)
+    return torch.where(inside[:, None], constant(IMAGENET_MEAN, x.device)[None, :, None, None], x)
 
 
 # Level 1 and 2: the 300W-LP runs; eth41 / eth52: the ETH-XGaze sets of sections 4.1 and 5.2;
@@ -415,7 +391,7 @@ def flip(images, angles, names, draw, probability):
     """HopeNet's horizontal flip: each image mirrored with `probability`, its yaw and roll negated."""
     flipped = draw.uniform(0, 1) < probability
     images = torch.where(flipped[:, None, None, None], images.flip(2), images)
-    sign = torch.tensor([MIRRORED[a] for a in names], device=angles.device)
+    sign = constant(tuple(MIRRORED[a] for a in names), angles.device)
     return images, torch.where(flipped[:, None], angles * sign, angles)
 
 
@@ -423,8 +399,8 @@ def training_batch(images, angles, cfg, draw):
     """(images augmented and flipped, their angles, perm, rot, shuffled): every image gets its own
     random tiles for the SS task, except that with --ss-fraction F < 1 only the images the bool mask
     `shuffled` marks (each with probability F) are shuffled."""
-    images = augment(images.to(draw.device), cfg["aug"], draw)
-    angles = angles.to(draw.device)
+    images = augment(images.to(draw.device, non_blocking=True), cfg["aug"], draw)  # pinned by the loader
+    angles = angles.to(draw.device, non_blocking=True)
     if cfg["flip"]:
         images, angles = flip(images, angles, angle_names(cfg["data"]), draw, cfg["flip"])
     perm, rot = draw.tiles(cfg["grid"], cfg["task"])
@@ -500,7 +476,7 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
     # |error| per angle, right SS answers and SS questions per task, squared mean |error| per image, images
     totals = torch.zeros(len(names) + 2 * len(tasks) + 2, dtype=torch.float64, device=rt.device)
     for step, (images, angles) in enumerate(loader):
-        images, angles = images.to(rt.device), angles.to(rt.device)
+        images, angles = images.to(rt.device, non_blocking=True), angles.to(rt.device, non_blocking=True)
         with rt.autocast():
             pose, ssl = model(normalize(images))  # untouched
             if ssl:
@@ -610,7 +586,8 @@ def train(cfg, state=None):
         first = run.start(model, optimizer, scheduler, train_set, evaluated, angle_names(cfg["data"]))
         trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
         loader = data_loader(train_set, batches, cfg, rt)
-        loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in evaluated.items()}
+        loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in
+                   evaluated.items()}
         for epoch in range(first, cfg["epochs"]):
             batches.set_epoch(epoch)
             with run.epoch(epoch) as row:  # Ctrl-C, or a loss not finite: one line naming what last.pt holds
@@ -619,7 +596,7 @@ def train(cfg, state=None):
                 scheduler.step()
                 for prefix, (size, val_loader) in loaders.items():
                     row |= evaluate(trained, val_loader, cfg, rt, size, prefix)
-            run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, and never a non-finite one
+            run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, never a non-finite one
         return run.finish()
 
 
@@ -796,8 +773,8 @@ def main(argv=None):
             state, run_cfg = load_run(Path(cfg["out"]) / "last.pt")
             refuse_changes(given, run_cfg, RESUMABLE, f"--resume continues {cfg['out']} as it began")
             if given.get("epochs", state["epoch"]) < state["epoch"]:
-                raise UsageError(f"--resume --epochs {given['epochs']}: {cfg['out']} has trained {state['epoch']} "
-                                 f"epochs already")
+                raise UsageError(f"--resume --epochs {given['epochs']}: {cfg['out']} has trained "
+                                 f"{state['epoch']} epochs already")
             run_cfg |= {k: v for k, v in given.items() if k in RESUMABLE}
             return train({**run_cfg, "out": cfg["out"]}, state)
         check_new_folder(cfg["out"], "overwrite" in given)

@@ -1,6 +1,7 @@
 """What makes a run trustworthy, each behind one call named for what it guarantees: the device, the
-processes and mixed precision (runtime); a run folder whose files appear whole or not at all, whose
-checkpoints resume a run exactly, and where nothing that is not finite is ever saved (Run)."""
+processes and mixed precision (runtime); the weights a backbone starts from (load_backbone); a run
+folder whose files appear whole or not at all, whose checkpoints resume a run exactly, and where
+nothing that is not finite is ever saved (Run)."""
 import contextlib
 import csv
 import errno
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision
 
 from hmtl_flags import UsageError
 
@@ -81,6 +83,42 @@ def sum_over_processes(t, rt):
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+# ----------------------------------------------------------------------------- a network's first weights
+
+IMAGENET_WEIGHTS = {"imagenet": "IMAGENET1K_V1", "imagenet-v2": "IMAGENET1K_V2"}
+
+
+def imagenet_weights(init, arch):
+    """The torchvision weights that --init names for `arch`: IMAGENET1K_V1, the recipe a 2021 ResNet50
+    came from, or IMAGENET1K_V2, torchvision's newer one."""
+    enum = torchvision.models.get_model_weights(arch)
+    if not hasattr(enum, IMAGENET_WEIGHTS[init]):
+        raise UsageError(f"--init {init}: torchvision has no {IMAGENET_WEIGHTS[init]} weights for {arch}")
+    return getattr(enum, IMAGENET_WEIGHTS[init])
+
+
+def load_backbone(model, init, arch):
+    """--init: the backbone of torchvision's ImageNet weights, or of a file (a torchvision state dict or
+    an hmtl checkpoint, e.g. from --stage pretrain). The heads stay as initialised."""
+    if init in IMAGENET_WEIGHTS:
+        try:
+            state = imagenet_weights(init, arch).get_state_dict(progress=True)
+        except Exception as e:
+            raise SystemExit(f"--init {init}: cannot download torchvision's weights ({type(e).__name__}); "
+                             f"fetch them once elsewhere and pass the file: --init PATH") from e
+    else:
+        state = load_checkpoint(init)
+        state = state.get("model", state)
+    rename = {"conv1.": "stem.0.", "bn1.": "stem.1.",
+              **{f"layer{k}.": f"stages.{k - 1}." for k in range(1, 5)}}
+    for old, new in rename.items():
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    wanted = {k: v.shape for k, v in model.state_dict().items() if k.startswith(("stem.", "stages."))}
+    if {k: v.shape for k, v in state.items() if k.startswith(("stem.", "stages."))} != wanted:
+        raise SystemExit(f"--init {init}: does not hold a {arch} backbone")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
 # ----------------------------------------------------------------------------- files written whole

@@ -99,6 +99,8 @@ def tile_grid(op, n, h, w, perm, rot, device):
         raise ValueError(f"{op}: perm has {g2} columns, which is not a square g^2")
     if g > min(h, w):
         raise ValueError(f"{op}: a {g}x{g} grid does not fit a {h}x{w} image (tiles would be empty)")
+    if device.type != "cpu":  # as the kernels: a GPU's values are not read back (csrc/tiles.h, source_run)
+        return g, min(h, w) // g
     for i, (p, r) in enumerate(zip(perm.tolist(), rot.tolist())):
         for j in range(g2):  # row by row, as the C++ check goes
             if not (0 <= p[j] < g2 and p[j] not in p[:j]):
@@ -115,7 +117,7 @@ def reference_shuffle(x, perm, rot, op="shuffle_tiles"):
         raise TypeError(f"shuffle_tiles: x must be uint8, float16, bfloat16 or float32, got {x.dtype}")
     n, c, h, w = x.shape
     g, t = tile_grid(op, n, h, w, perm, rot, x.device)
-    s = g * t
+    perm, rot, s = perm.clamp(0, g * g - 1), rot & 3, g * t  # as source_run keeps a bad value inside the image
     tiles = x[:, :, :s, :s].unflatten(2, (g, t)).unflatten(4, (g, t)).permute(0, 2, 4, 1, 3, 5)
     moved = tiles.reshape(n, g * g, c, t, t)[torch.arange(n, device=x.device)[:, None], perm]
     for k in (1, 2, 3):

@@ -42,7 +42,8 @@ Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at
   TORCH_CHECK_VALUE(g2 > 0 && g * g == g2, op, ": perm has ", g2, " columns, which is not a square g^2");
   TORCH_CHECK_VALUE(g <= std::min(h, w), op, ": a ", g, "x", g, " grid does not fit a ", h, "x", w,
                     " image (tiles would be empty)");
-  const auto p = perm.to(at::kCPU).contiguous(), r = rot.to(at::kCPU).contiguous();
+  if (!perm.device().is_cpu()) return {g, std::min(h, w) / g};
+  const auto p = perm.contiguous(), r = rot.contiguous();
   const int64_t* P = p.const_data_ptr<int64_t>();
   const int64_t* R = r.const_data_ptr<int64_t>();
   std::vector<char> seen(g2);
@@ -89,8 +90,9 @@ Affine check_normalize_args(const char* op, const at::Tensor& x, at::ArrayRef<do
 
 // Calls row(dst, src, count, step) for every row of the output: `count` pixels, pixel j written at
 // element offset dst + j * os.w of the output and read at src + j * step of the input (for channel
-// 0; channel c lies c * os.c and c * xs.c further). In parallel over images and tiles; the last task
-// of each image copies the pixels off the grid.
+// 0; channel c lies c * os.c and c * xs.c further), the source of each row's first pixel found by
+// source_run as the CUDA kernels find every pixel's. In parallel over images and tiles; the last
+// task of each image copies the pixels off the grid.
 template <typename Row>
 static void for_each_row(int64_t n, int64_t h, int64_t w, Grid grid, const at::Tensor& perm, const at::Tensor& rot,
                          Strides xs, Strides os, const Row& row) {
@@ -101,19 +103,18 @@ static void for_each_row(int64_t n, int64_t h, int64_t w, Grid grid, const at::T
   at::parallel_for(0, n * (g2 + 1), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t img = task / (g2 + 1), pos = task % (g2 + 1), x0 = img * xs.n, o0 = img * os.n;
+      const auto run = [&](int64_t i, int64_t j, int64_t count) {
+        const Line src = source_run(i, j, grid, P + img * g2, R + img * g2, xs);
+        row(o0 + i * os.h + j * os.w, x0 + src.start, count, src.step);
+      };
       if (pos == g2) {  // off the grid: the part of each row right of it, and the rows below it whole
         for (int64_t i = 0; i < h; ++i) {
           const int64_t j = i < span ? span : 0;
-          if (j < w) row(o0 + i * os.h + j * os.w, x0 + i * xs.h + j * xs.w, w - j, xs.w);
+          if (j < w) run(i, j, w - j);
         }
         continue;
       }
-      const int64_t k = R[img * g2 + pos], from = x0 + tile_offset(P[img * g2 + pos], grid, xs);
-      const int64_t to = o0 + tile_offset(pos, grid, os);
-      for (int64_t i = 0; i < t; ++i) {
-        const Line line = source_line(k, i, t, xs.h, xs.w);
-        row(to + i * os.h, from + line.start, t, line.step);
-      }
+      for (int64_t i = 0; i < t; ++i) run(pos / grid.g * t + i, pos % grid.g * t, t);
     }
   });
 }

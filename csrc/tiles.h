@@ -46,9 +46,26 @@ C10_HOST_DEVICE inline int64_t tile_offset(int64_t q, Grid grid, Strides s) {
   return (q / grid.g) * grid.t * s.h + (q % grid.g) * grid.t * s.w;
 }
 
-// Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes, dtypes,
-// devices, and that each perm row is a permutation and each rot lies in 0..3 (on the host, so
-// that a bad value never reaches a kernel). Raises ValueError / TypeError naming the problem.
+// The source of output pixel (i, j) of an image whose tiles are given by `perm` and `rot` (that
+// image's rows): its element offset inside the image and plane, and the step to the source of
+// (i, j + 1) while in the same tile. Both kernels call it: the CPU one per row, the CUDA one per
+// pixel. A value out of range is clamped into it, so that a bad perm or rot on a GPU (whose
+// values are not read back to be checked) can never make a kernel read outside the image.
+C10_HOST_DEVICE inline Line source_run(int64_t i, int64_t j, Grid grid, const int64_t* perm, const int64_t* rot,
+                                       Strides s) {
+  const int64_t span = grid.g * grid.t, g2 = grid.g * grid.g;
+  if (i >= span || j >= span) return {i * s.h + j * s.w, s.w};  // off the grid: copied
+  const int64_t p = (i / grid.t) * grid.g + j / grid.t;
+  const int64_t q = perm[p] < 0 ? 0 : perm[p] >= g2 ? g2 - 1 : perm[p];
+  const Line line = source_line(rot[p] & 3, i % grid.t, grid.t, s.h, s.w);
+  return {tile_offset(q, grid, s) + line.start + (j % grid.t) * line.step, line.step};
+}
+
+// Checks perm and rot against a batch of n images of h x w pixels on `device`: shapes, dtypes and
+// devices; for CPU tensors also that each perm row is a permutation and each rot lies in 0..3. The
+// values of GPU tensors are not copied back to be checked (that would make the host wait for the
+// GPU): their drawer validates them, and source_run keeps a bad one inside the image. Raises
+// ValueError / TypeError naming the problem.
 Grid check_tile_params(const char* op, int64_t n, int64_t h, int64_t w, const at::Tensor& perm,
                        const at::Tensor& rot, const at::Device& device);
 

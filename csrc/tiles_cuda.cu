@@ -1,5 +1,6 @@
 // CUDA kernels of hmtl's tile op: a grid-stride loop over output pixels, each thread moving one
-// pixel's channels. Checks and semantics are shared with the CPU kernels (tiles.h, tiles.cpp).
+// pixel's channels from the source tiles.h's source_run gives it. Checks and semantics are shared
+// with the CPU kernels (tiles.h, tiles.cpp).
 #include "tiles.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -11,17 +12,6 @@
 
 namespace hmtl {
 
-// Element offset (inside image `img`) of the source of output pixel (i, j).
-__device__ __forceinline__ int64_t source_pixel(int64_t img, int64_t i, int64_t j, Grid grid,
-                                                const int64_t* __restrict__ perm, const int64_t* __restrict__ rot,
-                                                Strides xs) {
-  const int64_t span = grid.g * grid.t;
-  if (i >= span || j >= span) return i * xs.h + j * xs.w;
-  const int64_t g2 = grid.g * grid.g, p = (i / grid.t) * grid.g + j / grid.t;
-  const Line line = source_line(rot[img * g2 + p], i % grid.t, grid.t, xs.h, xs.w);
-  return tile_offset(perm[img * g2 + p], grid, xs) + line.start + (j % grid.t) * line.step;
-}
-
 // E is an unsigned integer of the element's size: a shuffle only moves bits.
 template <typename E>
 __global__ void shuffle_kernel(const E* __restrict__ x, E* __restrict__ out, const int64_t* __restrict__ perm,
@@ -29,8 +19,8 @@ __global__ void shuffle_kernel(const E* __restrict__ x, E* __restrict__ out, con
                                Strides xs, Strides os) {
   const int64_t total = n * h * w, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w);
-    const E* s = x + img * xs.n + source_pixel(img, i, j, grid, perm, rot, xs);
+    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w), g2 = grid.g * grid.g;
+    const E* s = x + img * xs.n + source_run(i, j, grid, perm + img * g2, rot + img * g2, xs).start;
     E* d = out + img * os.n + i * os.h + j * os.w;
     for (int64_t ch = 0; ch < c; ++ch) d[ch * os.c] = s[ch * xs.c];
   }
@@ -42,8 +32,8 @@ __global__ void shuffle_normalize_kernel(const uint8_t* __restrict__ x, float* _
                                          Affine a) {
   const int64_t total = n * h * w, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w);
-    const uint8_t* s = x + img * xs.n + source_pixel(img, i, j, grid, perm, rot, xs);
+    const int64_t j = idx % w, i = (idx / w) % h, img = idx / (h * w), g2 = grid.g * grid.g;
+    const uint8_t* s = x + img * xs.n + source_run(i, j, grid, perm + img * g2, rot + img * g2, xs).start;
     float* d = out + img * os.n + i * os.h + j * os.w;
     // Explicit rounding, no fused multiply-add: the result equals the CPU kernel's bit for bit.
     for (int64_t ch = 0; ch < c; ++ch)

@@ -102,7 +102,7 @@ def scored(summaries):
 def stat(summaries, key="val_mae_mean"):
     """(mean, std, count) of a metric over the finished runs, or None; "name.metric": an evaluation's metric."""
     name, _, metric = key.rpartition(".")
-    values = [v for s in scored(summaries) if (v := (s[name] if name else s).get(metric)) is not None]
+    values = [v for s in scored(summaries) if (v := (s.get(name, {}) if name else s).get(metric)) is not None]
     return (float(np.mean(values)), float(np.std(values)), len(values)) if values else None
 
 

@@ -217,7 +217,7 @@ def test_the_ss_labels_describe_the_image_that_reaches_the_network(monkeypatch):
     model, rt = Recorder(), hmtl.argparse.Namespace(device=torch.device("cpu"), rows=slice(None),
                                                     autocast=lambda: torch.autocast("cpu", enabled=False),
                                                     scaler=torch.amp.GradScaler("cpu", enabled=False))
-    draw = hmtl.Draws(torch.Generator().manual_seed(0), 64, slice(None), torch.device("cpu"))
+    draw = hmtl.Draws(torch.Generator().manual_seed(1), 64, slice(None), torch.device("cpu"))
     hmtl.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), images, torch.zeros(64, 3), cfg, rt, draw)
     perm, rot = taught[0]["puzzle"], taught[0]["rotation"]
     assert (perm.gather(1, perm) != torch.arange(9)).any(1).all()  # no permutation is its own inverse
@@ -312,3 +312,38 @@ def test_cutout_fills_its_square_with_the_mean_colour_and_leaves_the_rest():
     inside[4:12, 4:12] = True
     mean = torch.tensor(hmtl_tiles.IMAGENET_MEAN)[:, None]
     assert torch.equal(out[:, :, inside], mean.expand(2, 3, 64)) and torch.equal(out[:, :, ~inside], x[:, :, ~inside])
+
+
+@pytest.mark.parametrize("aug", ["2", "eth52"])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(monkeypatch, aug):
+    """On a GPU, a host read of a device tensor (item, tolist, its truth value) or a blocking copy to the
+    device makes the host wait for every kernel queued: a step under the heaviest recipes makes none. Here
+    on the CPU they are refused; benchmarks/gpu_check.sh runs steps under torch.cuda.set_sync_debug_mode."""
+    cfg = {**hmtl.config(["--arch", "resnet18", "--img-size", "32", "--task", "puzzle_rotation", "--ss-fraction",
+                          "0.5", "--device", "cpu", "--amp", "off"]), "aug": aug, "flip": 0.5}
+    rt, model = hmtl.runtime(cfg), hmtl.build_model(cfg)
+    optimizer = hmtl.AdaBelief(model.parameters())
+    images, angles = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8), torch.zeros(8, 3)
+
+    def refused(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"{name} in the training step")
+        return read
+
+    moved = torch.Tensor.to
+
+    def to(self, *args, **kwargs):  # a copy to a device must not block
+        if any(isinstance(a, (torch.device, str)) for a in args) and not kwargs.get("non_blocking"):
+            raise AssertionError(f"a blocking .to{args} in the training step")
+        return moved(self, *args, **kwargs)
+
+    made = torch.tensor
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refused(f"Tensor.{name}()"))
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: refused("torch.tensor(..., device=...)")() if "device" in k
+                        else made(*a, **k))
+    draw = hmtl.Draws(torch.Generator().manual_seed(0), 8, slice(None), rt.device)
+    losses = hmtl.train_step(model, optimizer, images, angles, cfg, rt, draw)
+    monkeypatch.undo()
+    assert torch.isfinite(losses).all()
