@@ -184,9 +184,22 @@ def make_folder(path, flag):
         raise SystemExit(f"{flag} {path}: cannot write a folder there ({e.strerror or e})") from None
 
 
+LOCKED = set()  # the descriptors of the run folders this process holds locked
+
+
+def forget_locks():
+    """In a forked child (a loader worker, a renderer): its copies of the locks go, so that a run killed
+    with -9 frees its folder when it dies, not when its children notice."""
+    while LOCKED:
+        os.close(LOCKED.pop())
+
+
+os.register_at_fork(after_in_child=forget_locks)
+
+
 def lock_folder(out):
     """The run folder, created and locked for this process: a second process writing into it is
-    refused instead of mixing two runs' files. Closing the returned descriptor releases it."""
+    refused instead of mixing two runs' files. release_folder(descriptor) lets it go."""
     make_folder(out, "--out")
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -195,7 +208,13 @@ def lock_folder(out):
         os.close(fd)
         raise SystemExit(f"{out} is in use by another hmtl process: wait for it to end, or pick another --out") \
             from None
+    LOCKED.add(fd)
     return fd
+
+
+def release_folder(fd):
+    LOCKED.discard(fd)
+    os.close(fd)
 
 
 def save_best(out):
@@ -255,7 +274,7 @@ class Run:
 
     def __exit__(self, *exc):
         if self.lock is not None:
-            os.close(self.lock)
+            release_folder(self.lock)
         if self.made and not any(self.out.iterdir()):  # a start refused before writing leaves no trace
             self.out.rmdir()
 

@@ -8,6 +8,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n K: K processes share the 
 
 import numpy as np
 import pytest
+from PIL import Image
+from scipy.io import savemat
 
 import hmtl
 import hmtl_data
@@ -34,6 +36,31 @@ def config(*flags):
 def expected_amp():
     """What --amp auto picks on this CPU, as the code decides it (the tests may force either way)."""
     return "bf16" if hmtl_runs.cpu_has_bf16() else "off"
+
+
+def fake_300wlp(root, folders=("AFW", "HELEN_Flip"), per_folder=20, seed=0, beyond=0, landmarks=68):
+    """300W-LP's layout: <subset>/<name>.jpg + .mat (Pose_Para in radians, pt2d 2 x 68), plus a
+    landmarks/ tree of .mat files with no image (ignored)."""
+    rng = np.random.default_rng(seed)
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+        (root / "landmarks" / folder).mkdir(parents=True)
+        for i in range(per_folder):
+            yaw, pitch, roll = rng.uniform(-80, 80), rng.uniform(-50, 50), rng.uniform(-40, 40)
+            if i < beyond:
+                yaw = 120.0
+            face, marks, _ = hmtl_data.render_head(yaw, pitch, roll, 80, rng)
+            canvas = Image.new("RGB", (160, 140), (40, 90, 20))
+            canvas.paste(Image.fromarray(face), (40, 30))
+            canvas.save(root / folder / f"{folder}_{i}.jpg", quality=95)
+            pts = np.array([m for m in marks.values()]).T + [[40], [30]]
+            pts = np.concatenate([pts, [[60, 100], [90, 95]]], 1)
+            pts = np.concatenate([pts, np.repeat(pts.mean(1, keepdims=True), landmarks - pts.shape[1], 1)], 1)
+            savemat(root / folder / f"{folder}_{i}.mat", {
+                "Pose_Para": np.array([[np.radians(pitch), np.radians(yaw), np.radians(roll), 0, 0, 0, 1]]),
+                "pt2d": pts})
+            savemat(root / "landmarks" / folder / f"{folder}_{i}_pts.mat", {"pts_2d": pts.T})
+    return root
 
 
 def fake_biwi(path, n=24, seed=0, size=64, one_look=False):

@@ -1,6 +1,5 @@
 """The readers, in the datasets' published formats: the real AFLW2000 sample, and fabricated
 300W-LP, AFLW2000, ETH-XGaze and BIWI sets that go through training and evaluation."""
-import csv
 import json
 import multiprocessing
 import os
@@ -15,7 +14,7 @@ from scipy.io import loadmat, savemat
 
 import hmtl
 import hmtl_data
-from conftest import REPO, config, fake_biwi, tiny_args
+from conftest import REPO, config, fake_300wlp, fake_biwi, tiny_args
 
 
 # ----------------------------------------------------------------------------- the real AFLW2000 sample
@@ -178,31 +177,6 @@ def test_a_face_without_visible_landmarks_gets_no_box():
 
 # ----------------------------------------------------------------------------- fabricated datasets
 
-def fake_300wlp(root, folders=("AFW", "HELEN_Flip"), per_folder=20, seed=0, beyond=0, landmarks=68):
-    """300W-LP's layout: <subset>/<name>.jpg + .mat (Pose_Para in radians, pt2d 2 x 68), plus a
-    landmarks/ tree of .mat files with no image (ignored)."""
-    rng = np.random.default_rng(seed)
-    for folder in folders:
-        (root / folder).mkdir(parents=True)
-        (root / "landmarks" / folder).mkdir(parents=True)
-        for i in range(per_folder):
-            yaw, pitch, roll = rng.uniform(-80, 80), rng.uniform(-50, 50), rng.uniform(-40, 40)
-            if i < beyond:
-                yaw = 120.0
-            face, marks, _ = hmtl_data.render_head(yaw, pitch, roll, 80, rng)
-            canvas = Image.new("RGB", (160, 140), (40, 90, 20))
-            canvas.paste(Image.fromarray(face), (40, 30))
-            canvas.save(root / folder / f"{folder}_{i}.jpg", quality=95)
-            pts = np.array([m for m in marks.values()]).T + [[40], [30]]
-            pts = np.concatenate([pts, [[60, 100], [90, 95]]], 1)
-            pts = np.concatenate([pts, np.repeat(pts.mean(1, keepdims=True), landmarks - pts.shape[1], 1)], 1)
-            savemat(root / folder / f"{folder}_{i}.mat", {
-                "Pose_Para": np.array([[np.radians(pitch), np.radians(yaw), np.radians(roll), 0, 0, 0, 1]]),
-                "pt2d": pts})
-            savemat(root / "landmarks" / folder / f"{folder}_{i}_pts.mat", {"pts_2d": pts.T})
-    return root
-
-
 def fake_xgaze(root, subjects, per_subject=12, seed=0):
     """ETH-XGaze's subjectXXXX.h5: face_patch N x 224 x 224 x 3 BGR, face_head_pose N x 2 (pitch, yaw)."""
     rng = np.random.default_rng(seed)
@@ -290,27 +264,6 @@ def test_a_damaged_cache_is_rebuilt(tmp_path, damage):
         (folder / "angles.npy").unlink()
     again = hmtl_data.load_split(cfg, True)
     assert np.array_equal(np.asarray(again.images), want) and again.angles.shape == (4, 3)
-
-
-def test_resume_is_exact_with_loader_workers_and_across_a_milestone(tmp_path):
-    """Files decoded by 2 worker processes, the learning rate dropped after epoch 1: a run resumed after
-    epoch 1 ends with every metric and learning rate of one that never stopped."""
-    root = fake_300wlp(tmp_path / "300W_LP", folders=("AFW",), per_folder=32)
-    args = lambda out, epochs: tiny_args(tmp_path, "--data", "300wlp", "--data-root", str(root), "--val-data",
-                                         "300wlp", "--batch-size", "16", "--workers", "2", "--milestones", "1",
-                                         "--epochs", str(epochs), "--cache", "", out=out)  # no cache: workers decode
-    hmtl.main(args("whole", 3))
-    hmtl.main(args("resumed", 1))
-    hmtl.main(args("resumed", 3) + ["--resume"])
-    timeless = lambda run: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows(run)]
-    whole = timeless(tmp_path / "whole")
-    assert [float(r["lr"]) for r in whole] == pytest.approx([1e-3, 1e-4, 1e-4])
-    assert timeless(tmp_path / "resumed") == whole  # every digit of every metric
-
-
-def rows(run):
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_faces_at_99_degrees_are_kept_and_beyond_left_out_in_every_format_that_filters(tmp_path):
