@@ -13,11 +13,11 @@ The SS branches are dropped for deployment, so the shipped network is the plain 
 
     python hmtl.py --task puzzle --flag 3          # HMTL on synthetic heads (no download)
 
-This file reads top to bottom: the model, the losses, the optimizer, how a training batch is made,
-the HMTL step, the epoch, evaluation and training, then the command line. Around it: hmtl_data.py
-(datasets, crops, synthetic heads), hmtl_tiles.py and csrc/ (the tile op), hmtl_runs.py (devices,
-processes, checkpoints and run folders), hmtl_use.py (predicting with, exporting and previewing),
-hmtl_flags.py (the command line's checks); docs/method.md (the conventions).
+This file reads top to bottom: the model, the losses, the optimizer, a training batch, the HMTL step,
+the epoch, evaluation, training, the command line. Around it: hmtl_data.py (datasets, crops, the
+angle convention, synthetic heads), hmtl_tiles.py and csrc/ (the tile op), hmtl_runs.py (devices,
+processes, run folders), hmtl_use.py (prediction, export, preview), hmtl_flags.py (the command
+line's checks); docs/method.md (the conventions).
 """
 import argparse
 import copy
@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,12 +36,12 @@ import torchvision
 from tqdm import tqdm
 
 import hmtl_use
-from hmtl_data import (CROP_PROTOCOLS, DATASETS, TEST_SETS, DataError, GlobalBatches, angle_names,
+from hmtl_data import (CROP_PROTOCOLS, DATASETS, MIRRORED, TEST_SETS, DataError, GlobalBatches, angle_names,
                        data_loader, every_kth, load_split, seeded, split_holdout)
 from hmtl_flags import (Parser, UsageError, action_of, bounded, check_combinations, help_default,
                         refuse_changes, subject_list)
 from hmtl_runs import (IMAGENET_WEIGHTS, Run, check_new_folder, imagenet_weights, load_backbone,
-                       load_checkpoint, rank0_first, runtime, sum_over_processes)
+                       load_checkpoint, rank0_first, runtime, sum_over_processes, summed_over_processes)
 from hmtl_tiles import IMAGENET_MEAN, normalize, shuffle_tiles_normalize
 
 # ----------------------------------------------------------------------------- the model
@@ -92,8 +93,7 @@ class HMTL(nn.Module):
         self.flag = flag
 
     def forward(self, x):
-        taps = []
-        x = self.stem(x)
+        taps, x = [], self.stem(x)
         for stage in self.stages:
             x = stage(x)
             taps.append(x)
@@ -108,15 +108,18 @@ class HMTL(nn.Module):
         return net
 
 
-def build_model(cfg):
-    """The network a config describes. Besides SL (task none) and HMTL: w/o SSHs (--no-ssh), no SS
-    branches though the inputs are still shuffled; SS pre-training (--stage pretrain), no pose heads,
-    the SS heads directly on the pooled backbone (flag 4, no extra block), where the pose heads were."""
+def build_model(cfg, weights=None):
+    """The network a config describes, holding `weights` (a state dict) if given: SL, HMTL, w/o SSHs (no SS
+    branches, inputs still shuffled) or SS pre-training (no pose heads; the SS heads on the pooled
+    backbone, flag 4, no extra block, where the pose heads were)."""
     pretrain = cfg["stage"] == "pretrain"
-    return HMTL(arch=cfg["arch"], angles=0 if pretrain else len(angle_names(cfg["data"])), head=cfg["head"],
-                bin_width=cfg["bin_width"], dropout=cfg["dropout"],
-                task="none" if cfg["no_ssh"] else cfg["task"], flag=4 if pretrain else cfg["flag"],
-                grid=cfg["grid"], ssl_dropout=cfg["ssl_dropout"], ssl_block=not pretrain)
+    model = HMTL(arch=cfg["arch"], angles=0 if pretrain else len(angle_names(cfg["data"])), head=cfg["head"],
+                 bin_width=cfg["bin_width"], dropout=cfg["dropout"],
+                 task="none" if cfg["no_ssh"] else cfg["task"], flag=4 if pretrain else cfg["flag"],
+                 grid=cfg["grid"], ssl_dropout=cfg["ssl_dropout"], ssl_block=not pretrain)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
 
 
 # ----------------------------------------------------------------------------- the losses (paper eq. 1-3)
@@ -276,21 +279,21 @@ class Draws:
     process holds: any number of processes gives each sample the same numbers."""
 
     def __init__(self, gen, n, rows, device):
-        self.gen = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (), generator=gen)))
+        seed = int(torch.randint(2 ** 62, (), generator=gen))
+        self.on = dict(generator=torch.Generator(device).manual_seed(seed), device=device)
         self.n, self.rows, self.device = n, rows, device
 
     def uniform(self, low, high, *shape):
-        x = torch.rand(self.n, *shape, generator=self.gen, device=self.device)[self.rows]
-        return x * (high - low) + low
+        return low + (high - low) * torch.rand(self.n, *shape, **self.on)[self.rows]
 
     def integers(self, low, high):
-        return torch.randint(low, high, (self.n,), generator=self.gen, device=self.device)[self.rows]
+        return torch.randint(low, high, (self.n,), **self.on)[self.rows]
 
     def normal(self, *shape):
-        return torch.randn(self.n, *shape, generator=self.gen, device=self.device)[self.rows]
+        return torch.randn(self.n, *shape, **self.on)[self.rows]
 
     def tiles(self, grid, task):
-        perm, rot = sample_tiles(self.n, grid, task, self.gen, self.device)
+        perm, rot = sample_tiles(self.n, grid, task, self.on["generator"], self.device)
         return perm[self.rows], rot[self.rows]
 
 
@@ -374,7 +377,6 @@ def cutout(x, draw):  # a square of side U[0.1, 0.4]·H at a random centre, set 
 AUGMENTATIONS = {"0": (), "1": (zoom, contrast), "2": (zoom, contrast, blur, downscale, cutout),
                  "eth41": (zoom, hue), "eth52": (zoom, noise, cutout, hue, brightness, contrast),
                  "shift": (translate,)}
-MIRRORED = {"yaw": -1.0, "pitch": 1.0, "roll": -1.0}  # a left-right flip negates yaw and roll
 
 
 def augment(images, recipe, draw):
@@ -473,8 +475,9 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
     model.eval()
     names, tasks = angle_names(cfg["data"]), () if cfg["no_ssh"] else SSL_TASKS[cfg["task"]]
     centres = bin_centres(cfg["bin_width"], rt.device)
-    # |error| per angle, right SS answers and SS questions per task, squared mean |error| per image, images
-    totals = torch.zeros(len(names) + 2 * len(tasks) + 2, dtype=torch.float64, device=rt.device)
+    zero = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=rt.device)
+    sums = {"abs_error": zero(len(names)), "squared_image_mae": zero(), "images": zero(),
+            **{f"right_{t}": zero() for t in tasks}, **{f"asked_{t}": zero() for t in tasks}}
     for step, (images, angles) in enumerate(loader):
         images, angles = images.to(rt.device, non_blocking=True), angles.to(rt.device, non_blocking=True)
         with rt.autocast():
@@ -486,23 +489,37 @@ def evaluate(model, loader, cfg, rt, n_total, prefix="val"):
                 ssl = model(shuffle_tiles_normalize(images, perm, rot))[1]
         if pose is not None:
             errors = (predicted_angles(pose, cfg["head"], centres) - angles).abs().double()
-            totals[:len(names)] += errors.sum(0)
-            totals[-2] += errors.mean(1).square().sum()
-        for k, task in enumerate(tasks):
+            sums["abs_error"] += errors.sum(0)
+            sums["squared_image_mae"] += errors.mean(1).square().sum()
+        for task in tasks:
             labels = perm if task == "puzzle" else rot
-            totals[len(names) + 2 * k] += (ssl[task].argmax(-1) == labels).sum()
-            totals[len(names) + 2 * k + 1] += labels.numel()
-        totals[-1] += len(images)
-    totals = sum_over_processes(totals, rt).tolist()
-    metrics = {}
+            sums[f"right_{task}"] += (ssl[task].argmax(-1) == labels).sum()
+            sums[f"asked_{task}"] += labels.numel()
+        sums["images"] += len(images)
+    sums, metrics = summed_over_processes(sums, rt), {}
     if cfg["stage"] != "pretrain":  # the network has pose heads
-        metrics = {f"{prefix}_mae_{a}": totals[i] / totals[-1] for i, a in enumerate(names)}
+        n = sums["images"]
+        metrics = {f"{prefix}_mae_{a}": e / n for a, e in zip(names, sums["abs_error"])}
         metrics[f"{prefix}_mae_mean"] = mean = sum(metrics.values()) / len(names)
-        n = totals[-1]  # a small test set's MAE is uncertain: say by how much
-        metrics[f"{prefix}_mae_mean_se"] = math.sqrt(max(totals[-2] / n - mean ** 2, 0) / max(n - 1, 1))
-    for k, task in enumerate(tasks):
-        metrics[f"{prefix}_acc_{task}"] = totals[len(names) + 2 * k] / totals[len(names) + 2 * k + 1]
+        variance = max(sums["squared_image_mae"] / n - mean ** 2, 0)  # a small test set's MAE is uncertain
+        metrics[f"{prefix}_mae_mean_se"] = math.sqrt(variance / max(n - 1, 1))
+    for task in tasks:
+        metrics[f"{prefix}_acc_{task}"] = sums[f"right_{task}"] / sums[f"asked_{task}"]
     return metrics
+
+
+def predicting_the_mean(train_set, val_set, names):
+    """The MAE of predicting the training set's mean angles for every validation face: learning nothing."""
+    mae = np.abs(val_set.angles - train_set.angles.mean(0)).mean(0)
+    baseline = {f"baseline_mae_{a}": float(e) for a, e in zip(names, mae)}
+    return baseline | {"baseline_mae_mean": float(mae.mean())}
+
+
+def selection_score(row, prefix):
+    """What best.pt minimises: the MAE, or for SS pre-training, minus the mean SS accuracy."""
+    if f"{prefix}_mae_mean" in row:
+        return row[f"{prefix}_mae_mean"]
+    return -float(np.mean([v for k, v in row.items() if k.startswith(f"{prefix}_acc_")]))
 
 
 def evaluation_loader(dataset, cfg, rt):
@@ -520,9 +537,7 @@ def evaluate_checkpoint(given):
         overrides["val_root"] = cfg["data_root"] if given["val_data"] == cfg["data"] else None
     cfg |= overrides
     rt = runtime(cfg)
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    model = model.to(rt.device, memory_format=torch.channels_last)
+    model = build_model(cfg, state["model"]).to(rt.device, memory_format=torch.channels_last)
     val_set = rank0_first(rt, lambda: load_split(cfg, False))
     metrics = evaluate(model, evaluation_loader(val_set, cfg, rt), cfg, rt, len(val_set))
     metrics |= {"checkpoint": str(given["checkpoint"]), "epoch": state["epoch"], "val_data": cfg["val_data"],
@@ -549,9 +564,7 @@ def trained_estimator(path, device):
     state, cfg = load_run(path)
     if cfg["stage"] == "pretrain":
         raise SystemExit(f"{path} is an SS pre-training checkpoint: it has no pose heads")
-    model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    net = PoseEstimator(model.deployable(), cfg["head"], cfg["bin_width"]).eval()
+    net = PoseEstimator(build_model(cfg, state["model"]).deployable(), cfg["head"], cfg["bin_width"]).eval()
     return net.to(device, memory_format=torch.channels_last), cfg
 
 
@@ -562,7 +575,7 @@ def train(cfg, state=None):
     epochs, the summary. Reported figures come from the final epoch; best.pt is written only where a
     checkpoint may be chosen (hmtl_runs.Run)."""
     rt = runtime(cfg)
-    with Run(cfg, rt, state, val_is_test_set=cfg["val_data"] in TEST_SETS) as run:
+    with Run(cfg, rt, state, val_is_test_set=cfg["val_data"] in TEST_SETS, score=selection_score) as run:
         train_set, val_set = rank0_first(rt, lambda: (load_split(cfg, True), load_split(cfg, False)))
         if cfg["train_every"] > 1:
             train_set = every_kth(train_set, cfg["train_every"], cfg["seed"])
@@ -586,8 +599,7 @@ def train(cfg, state=None):
         first = run.start(model, optimizer, scheduler, train_set, evaluated, angle_names(cfg["data"]))
         trained = nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
         loader = data_loader(train_set, batches, cfg, rt)
-        loaders = {prefix: (len(data), evaluation_loader(data, cfg, rt)) for prefix, data in
-                   evaluated.items()}
+        loaders = {prefix: (len(d), evaluation_loader(d, cfg, rt)) for prefix, d in evaluated.items()}
         for epoch in range(first, cfg["epochs"]):
             batches.set_epoch(epoch)
             with run.epoch(epoch) as row:  # Ctrl-C, or a loss not finite: one line naming what last.pt holds
@@ -597,7 +609,8 @@ def train(cfg, state=None):
                 for prefix, (size, val_loader) in loaders.items():
                     row |= evaluate(trained, val_loader, cfg, rt, size, prefix)
             run.save(row, model, optimizer, scheduler)  # last.pt (and best.pt) whole, never a non-finite one
-        return run.finish()
+        return run.finish(predicting_the_mean(train_set, val_set, angle_names(cfg["data"]))
+                          if model.pose_heads else {})
 
 
 # ----------------------------------------------------------------------------- command line
@@ -607,8 +620,8 @@ def train(cfg, state=None):
 DEFAULTS = dict(data="synthetic", task="none", flag=3, grid=2, stage="train", no_ssh=False, ss_fraction=1.0,
                 arch="resnet50", init="random", bin_width=3.0, alpha=2.0, ssl_dropout=0.2, epochs=110,
                 epoch_steps=None, batch_size=64, optimizer="adabelief", lr=1e-3, weight_decay=0.0,
-                rectify=True, img_size=224, flip=0.5, amp="auto",
-                sync_bn=False, seed=0, workers=4, device="auto", data_root=None, val_data=None, val_root=None,
+                rectify=True, img_size=224, flip=0.5, amp="auto", sync_bn=False, seed=0, workers=4,
+                device="auto", data_root=None, val_data=None, val_root=None,
                 aflw2000_reduced=False, crop="hopenet", holdout=0.0, train_every=1, train_subjects="1",
                 val_subjects="108,109,111", cache=None, synthetic_train=20000, synthetic_val=2000, out=None)
 PAPER = {"300wlp": dict(head="catreg", dropout=0.5, ssl_weight=50.0, milestones=[20, 100], aug="1"),
@@ -619,11 +632,9 @@ QUICK = dict(arch="resnet18", img_size=64, epochs=4, milestones=[3], rectify=Fal
 # STRONG: --recipe strong, what helped SL on BIWI's development split (results/scarcity.md).
 STRONG = dict(rectify=False, dropout=0.4)
 PRESETS = {"default": DEFAULTS, **PAPER, "quick": QUICK, "strong": STRONG}
-VALIDATION = {"synthetic": "synthetic", "300wlp": "aflw2000", "aflw2000": "aflw2000", "ethxgaze": "ethxgaze",
-              "biwi": "biwi"}
-# What --resume may change (the run's length, where it runs, where its data now lies), what
-# --eval-only may (which set it evaluates, and how it is read), and the flags --predict and
-# --export read (any other is refused).
+VALIDATION = {**{d: d for d in DATASETS}, "300wlp": "aflw2000"}  # each training set's test set
+# What --resume may change (the run's length, where it runs and its data lie), what --eval-only may
+# (which set it evaluates, and how it is read), and the flags --predict and --export read.
 RESUMABLE = {"epochs", "workers", "device", "cache", "data_root", "val_root"}
 EVALUATION = {"val_data", "val_root", "aflw2000_reduced", "crop", "cache", "workers", "device", "batch_size"}
 USE = {"predict": {"predict", "checkpoint", "boxes", "out", "device"}, "export": {"export", "checkpoint"}}
@@ -671,8 +682,7 @@ def get_args_parser():
     add(g, "--flip", "probability of HopeNet's horizontal flip (yaw and roll negated)",
         type=bounded(float, 0, 1))
     add(g, "--amp", "mixed precision; auto: bf16 where the GPU or CPU computes it natively, fp16 on older "
-        "GPUs, else off",
-        choices=("auto", "bf16", "fp16", "off"))
+        "GPUs, else off", choices=("auto", "bf16", "fp16", "off"))
     add(g, "--sync-bn", "SyncBatchNorm across processes (torchrun, GPUs)", action="store_true")
     add(g, "--seed", "", type=bounded(int, 0, 2 ** 63 - 1))
     add(g, "--workers", "data-loading processes", type=bounded(int, 0))

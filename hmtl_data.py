@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-ANGLES = ("yaw", "pitch", "roll")
 DATASETS = ("synthetic", "300wlp", "aflw2000", "ethxgaze", "biwi")
 TEST_SETS = ("aflw2000", "biwi", "ethxgaze")  # never trained on, never used to choose a checkpoint
 SOURCES = {
@@ -46,8 +45,29 @@ class DataError(Exception):
         return text
 
 
+# ----------------------------------------------------------------------------- the angle convention
+# 300W-LP's, as HopeNet's draw_axis draws it (docs/method.md): the angles, their signs under a
+# left-right flip, and the rotation they describe.
+ANGLES = ("yaw", "pitch", "roll")
+MIRRORED = {"yaw": -1.0, "pitch": 1.0, "roll": -1.0}  # a left-right flip negates yaw and roll
+
+
 def angle_names(dataset_name):
     return ANGLES[:2] if dataset_name == "ethxgaze" else ANGLES
+
+
+def pose_matrix(yaw, pitch, roll):
+    """Rotation from head axes to camera axes (x right, y down, z towards the viewer), degrees.
+
+    Its first two rows are the image directions of the head's axes drawn by HopeNet's
+    draw_axis, the de-facto definition of the 300W-LP angles: positive yaw turns the face
+    to the image left, positive pitch tilts it up, positive roll lowers its image-right side.
+    """
+    y, p, r = np.radians([-yaw, pitch, roll])
+    row_x = [np.cos(y) * np.cos(r), -np.cos(y) * np.sin(r), np.sin(y)]
+    row_y = [np.cos(p) * np.sin(r) + np.cos(r) * np.sin(p) * np.sin(y),
+             np.cos(p) * np.cos(r) - np.sin(p) * np.sin(y) * np.sin(r), -np.cos(y) * np.sin(p)]
+    return np.array([row_x, row_y, np.cross(row_x, row_y)])
 
 
 def checked_angles(path, angles, columns, what):
@@ -458,18 +478,6 @@ HEAD_PARTS = [  # centre, semi-axes, material
 ]
 MATERIALS = ("skin", "hair", "nose", "eye", "iris", "brow", "lips", "ear")
 HEAD_LANDMARKS = {"right_eye": (-0.3, -0.12, 0.82), "left_eye": (0.3, -0.12, 0.82), "nose_tip": (0, 0.12, 0.98)}
-def pose_matrix(yaw, pitch, roll):
-    """Rotation from head axes to camera axes (x right, y down, z towards the viewer), degrees.
-
-    Its first two rows are the image directions of the head's axes drawn by HopeNet's
-    draw_axis, the de-facto definition of the 300W-LP angles: positive yaw turns the face
-    to the image left, positive pitch tilts it up, positive roll lowers its image-right side.
-    """
-    y, p, r = np.radians([-yaw, pitch, roll])
-    row_x = [np.cos(y) * np.cos(r), -np.cos(y) * np.sin(r), np.sin(y)]
-    row_y = [np.cos(p) * np.sin(r) + np.cos(r) * np.sin(p) * np.sin(y),
-             np.cos(p) * np.cos(r) - np.sin(p) * np.sin(y) * np.sin(r), -np.cos(y) * np.sin(p)]
-    return np.array([row_x, row_y, np.cross(row_x, row_y)])
 
 
 def render_head(yaw, pitch, roll, size, rng, supersample=2):

@@ -85,6 +85,13 @@ def sum_over_processes(t, rt):
     return t
 
 
+def summed_over_processes(sums, rt):
+    """{name: tensor} summed over the processes in one all-reduce: {name: float, or list for a vector}."""
+    flat = sum_over_processes(torch.cat([t.reshape(-1) for t in sums.values()]), rt).tolist()
+    starts = np.cumsum([0] + [t.numel() for t in sums.values()])
+    return {name: flat[a:b] if t.dim() else flat[a] for (name, t), a, b in zip(sums.items(), starts, starts[1:])}
+
+
 # ----------------------------------------------------------------------------- a network's first weights
 
 IMAGENET_WEIGHTS = {"imagenet": "IMAGENET1K_V1", "imagenet-v2": "IMAGENET1K_V2"}
@@ -238,13 +245,6 @@ def repair_best(out, state):
         save_best(out)
 
 
-def selection_score(row, prefix):
-    """What best.pt minimises: the MAE, or for SS pre-training, minus the mean SS accuracy."""
-    if f"{prefix}_mae_mean" in row:
-        return row[f"{prefix}_mae_mean"]
-    return -np.mean([v for k, v in row.items() if k.startswith(f"{prefix}_acc_")])
-
-
 # ----------------------------------------------------------------------------- a run's folder
 
 class Run:
@@ -254,8 +254,9 @@ class Run:
     held-out part of the training set (--holdout), or on a validation set that is no test set
     (synthetic heads); summary.json names the set that chose it."""
 
-    def __init__(self, cfg, rt, state, val_is_test_set):
-        self.cfg, self.rt, self.state, self.out = cfg, rt, state, Path(cfg["out"])
+    def __init__(self, cfg, rt, state, val_is_test_set, score):
+        """score(row, prefix): what best.pt minimises over the epochs' rows, on the set `prefix` names."""
+        self.cfg, self.rt, self.state, self.out, self.score = cfg, rt, state, Path(cfg["out"]), score
         self.last, self.writes = self.out / "last.pt", rt.rank == 0
         self.chooser = "holdout" if cfg["holdout"] else None if val_is_test_set else "val"
         self.history, self.best_epoch = [], None
@@ -294,7 +295,6 @@ class Run:
                 repair_best(self.out, self.state)
         self.names = names
         self.sizes = {"train": len(train_set), **{prefix: len(data) for prefix, data in evaluated.items()}}
-        self.baseline = np.abs(evaluated["val"].angles - train_set.angles.mean(0)).mean(0)  # predicting the mean
         if self.writes:
             if not self.state:  # a new run: what an older one left (--overwrite) goes now, not before
                 for f in run_files(self.out):
@@ -334,8 +334,8 @@ class Run:
                              f"too high?): training stopped, nothing of this epoch was written; "
                              f"{self.kept(row['epoch'] - 1)}")
         self.history.append(row)
-        if self.chooser and (self.best_epoch is None or selection_score(row, self.chooser) <
-                             selection_score(self.history[self.best_epoch - 1], self.chooser)):
+        if self.chooser and (self.best_epoch is None or self.score(row, self.chooser) <
+                             self.score(self.history[self.best_epoch - 1], self.chooser)):
             self.best_epoch = row["epoch"]
         if not self.writes:
             return
@@ -363,13 +363,11 @@ class Run:
         return (f"not written: the validation set ({self.cfg['val_data']}) is a test set; --holdout F chooses on a "
                 f"part of the training set")
 
-    def finish(self):
-        """summary.json: the final epoch's figures beside those of predicting the training mean; curves.png."""
+    def finish(self, baseline):
+        """summary.json: the final epoch's figures beside `baseline`'s (those of predicting the training
+        mean); curves.png."""
         final = self.history[-1]
-        summary = {k: v for k, v in final.items() if k.startswith(("val_", "holdout_", "train_"))}
-        if "val_mae_mean" in final:
-            summary |= {f"baseline_mae_{a}": float(b) for a, b in zip(self.names, self.baseline)}
-            summary["baseline_mae_mean"] = float(self.baseline.mean())
+        summary = {k: v for k, v in final.items() if k.startswith(("val_", "holdout_", "train_"))} | baseline
         summary |= {"best_pt": {"epoch": self.best_epoch, "chosen_on": self.chosen_on()}, "epochs": len(self.history),
                     "train_images": self.sizes["train"], "val_images": self.sizes["val"], "amp": self.rt.amp,
                     "seconds": sum(r["seconds"] for r in self.history), "config": self.cfg}

@@ -77,9 +77,10 @@ def test_processes_that_read_different_checkpoints_stop_before_training(tmp_path
     rt = hmtl.argparse.Namespace(world=2, rank=0, device=torch.device("cpu"))
     cfg = {"out": str(tmp_path / "apart"), "holdout": 0.0}
     with pytest.raises(SystemExit, match="read .*last.pt at different epochs \\(2 to 3\\): another run is still"):
-        hmtl_runs.Run(cfg, rt, {"epoch": 2}, val_is_test_set=False)
+        hmtl_runs.Run(cfg, rt, {"epoch": 2}, False, hmtl.selection_score)
     assert not (tmp_path / "apart").exists()  # nothing written
-    hmtl_runs.Run(cfg, rt, {"epoch": 3}, val_is_test_set=False)  # the same epoch everywhere: on it goes
+    with hmtl_runs.Run(cfg, rt, {"epoch": 3}, False, hmtl.selection_score):  # the same epoch everywhere: on it goes
+        pass
 
 
 def test_processes_split_every_global_batch_and_its_random_numbers_exactly():

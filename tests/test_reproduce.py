@@ -147,7 +147,7 @@ def test_the_scarcity_study_reports_what_finished(tmp_path):
         < order.index((("frames", 1, "paper", "HMTL w/o SSHs"), 0))
     mae, written = {"SL": 4.0, "HMTL": 5.0, "HMTL w/o SSHs": 6.0}, []
     for row in rows:
-        (group, size, recipe, method), flags = row.key, row.flags
+        (group, size, _, method), flags = row.key, row.flags
         for seed in range(row.seeds):
             folder = tmp_path / "runs" / "scarcity" / row.folder / f"seed{seed}"
             folder.mkdir(parents=True)

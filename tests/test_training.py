@@ -230,7 +230,7 @@ def test_a_huge_learning_rate_stops_before_writing_a_checkpoint(tmp_path):
 
 
 def test_best_pt_is_repaired_when_a_run_stopped_between_the_two_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(hmtl_runs, "selection_score", lambda row, prefix: -row["epoch"])  # every epoch is the best
+    monkeypatch.setattr(hmtl, "selection_score", lambda row, prefix: -row["epoch"])  # every epoch is the best
     real, saved = hmtl_runs.save_best, []
 
     def killed_before_best(out):
@@ -250,7 +250,7 @@ def test_best_pt_is_repaired_when_a_run_stopped_between_the_two_writes(tmp_path,
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == summary["best_pt"]["epoch"] == 2
     hmtl.main(args("--epochs", "3", "--resume"))
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 3
-    monkeypatch.setattr(hmtl_runs, "selection_score", lambda row, prefix: row["epoch"])  # the first stays the best
+    monkeypatch.setattr(hmtl, "selection_score", lambda row, prefix: row["epoch"])  # the first stays the best
     hmtl.main(args("--epochs", "4", "--resume"))  # last.pt replaced: best.pt keeps its own epoch
     assert [torch.load(tmp_path / "run" / f, weights_only=True)["epoch"] for f in ("best.pt", "last.pt")] == [3, 4]
 
