@@ -363,7 +363,7 @@ def cached(folder, meta, n, size, angles, chunks):
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = read_cache(folder, meta, (n, size, size, 3), (n, angles))
-        if found:
+        if found is not None:
             return found
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
